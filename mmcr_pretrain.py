@@ -33,6 +33,8 @@ from tqdm import tqdm
 
 from knn import knn_accuracy
 
+SCRIPT, RUNS = "mmcr_pretrain", "runs/mmcr"  # checkpoints name the script that wrote them
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -56,7 +58,7 @@ class Config:
     lmbda: float = arg(0.0, "weight of the mean per-image nuclear norm (0 in the paper's CIFAR runs)")
     num_neighbours: int = arg(200, "k of the weighted kNN monitor")
     temperature: float = arg(0.5, "temperature of the weighted kNN monitor")
-    eval_every: int = arg(1, "kNN evaluation every this many epochs (and always after the last)")
+    eval_every: int = arg(1, "kNN evaluation every this many epochs (0: only after the last, always done)")
     image_size: int = arg(32, "side of the square training images")
     limit_train: int = arg(0, "use a random subset of this many training images (0 = all)")
     limit_test: int = arg(0, "use a random subset of this many test images (0 = all)")
@@ -284,6 +286,9 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
     return x.contiguous(memory_format=torch.channels_last)
 
 
+AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.1, p_solarize=0.2)
+
+
 def normalize(images, mean, std):
     x = images.float().div_(255)
     x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
@@ -389,7 +394,7 @@ def check_config(cfg):
                 (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
                 (cfg.projection_dim < 1, "--projection-dim must be positive"),
                 (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
-                (cfg.eval_every < 1 or cfg.log_every < 1, "--eval-every and --log-every must be at least 1"),
+                (cfg.eval_every < 0 or cfg.log_every < 1, "--eval-every must be >= 0 and --log-every >= 1"),
                 (cfg.image_size < 8, "--image-size must be at least 8"),
                 (cfg.limit_train < 0 or cfg.limit_test < 0, "--limit-train and --limit-test must be >= 0"),
                 (cfg.device not in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu"),
@@ -422,7 +427,7 @@ def main(cfg):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
-    cfg.output_dir = cfg.output_dir or os.path.join("runs", "mmcr", time.strftime("%Y%m%d-%H%M%S"))
+    cfg.output_dir = cfg.output_dir or os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
 
     # data: each split once on the device as uint8
     if ddp and not master:
@@ -433,7 +438,7 @@ def main(cfg):
     if cfg.batch_size > len(xtr):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(xtr)} images)")
     xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
-    local_batch = cfg.batch_size // world
+    local_batch, views_per_image = cfg.batch_size // world, cfg.num_views
     steps_per_epoch = len(xtr) // cfg.batch_size  # the last partial batch is dropped
     total_steps = cfg.max_epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_duration * total_steps)
@@ -446,7 +451,7 @@ def main(cfg):
     start_step, best, aug_states = 0, {"knn_top1": -1.0, "knn_top5": -1.0, "epoch": 0}, None
     resume = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
     if resume and (cfg.resume != "auto" or os.path.exists(resume)):
-        ckpt = load_checkpoint(resume, "mmcr_pretrain")
+        ckpt = load_checkpoint(resume, SCRIPT)
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
@@ -474,7 +479,7 @@ def main(cfg):
         """The state after `step` steps; every rank's augmentation RNG so a mid-epoch resume is exact."""
         states = [None] * world
         dist.all_gather_object(states, gen.get_state().cpu()) if ddp else states.__setitem__(0, gen.get_state().cpu())
-        return {"script": "mmcr_pretrain", "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        return {"script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "epoch": step // steps_per_epoch, "best": best, "aug_rng": states, "config": dataclasses.asdict(cfg),
                 "classes": classes, "mean": list(mean), "std": list(std)}
 
@@ -498,11 +503,10 @@ def main(cfg):
             group["lr"] = lr
 
         idx = perm[i * cfg.batch_size + rank * local_batch: i * cfg.batch_size + (rank + 1) * local_batch]
-        views = augment(xtr[idx].repeat_interleave(cfg.num_views, 0), gen, mean, std, cfg.image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                        jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.1, p_solarize=0.2)
+        views = augment(xtr[idx].repeat_interleave(views_per_image, 0), gen, mean, std, cfg.image_size, **AUGMENT)
         with autocast:
             z = model(views)
-        loss = mmcr_loss(z.view(local_batch, cfg.num_views, -1), cfg.lmbda)
+        loss = mmcr_loss(z.view(local_batch, views_per_image, -1), cfg.lmbda)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -512,7 +516,7 @@ def main(cfg):
         bar.update()
 
         if (step + 1) % cfg.log_every == 0:  # the only host sync inside an epoch
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", views_s=f"{steps_done * cfg.batch_size * cfg.num_views / (time.time() - t_epoch):.0f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", views_s=f"{steps_done * cfg.batch_size * views_per_image / (time.time() - t_epoch):.0f}")
             if ddp:  # every rank must agree to stop at the same step
                 flag = torch.tensor(float(len(stop)), device=device)
                 dist.all_reduce(flag)
@@ -536,8 +540,8 @@ def main(cfg):
                 torch.cuda.synchronize()
             seconds = time.time() - t_epoch
             stats = {"epoch": epoch + 1, "step": step + 1, "loss": loss_sum.item() / steps_done, "lr": lr, "knn_top1": None, "knn_top5": None,
-                     "epoch_seconds": round(seconds, 3), "views_per_second": round(steps_done * cfg.batch_size * cfg.num_views / seconds, 1)}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.max_epochs:
+                     "epoch_seconds": round(seconds, 3), "views_per_second": round(steps_done * cfg.batch_size * views_per_image / seconds, 1)}
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs:
                 if master:
                     with autocast:
                         ftr, fte = extract_features(raw_model.backbone, xtr, mean, std), extract_features(raw_model.backbone, xte, mean, std)

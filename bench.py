@@ -1,0 +1,204 @@
+"""Throughput benchmark on synthetic data, in the spirit of nanoGPT's bench.py: a plain script.
+
+Measures, on whatever device is present, the MMCR training step (augmentation + forward + loss +
+backward + Adam) and the batched on-device augmentation of mmcr_pretrain.py against the per-image
+torchvision.transforms.v2 pipeline of the reference implementation.
+
+    python bench.py                                   # CPU here: small shape, about a minute
+    python bench.py --device cuda --compile           # GPU: the recipe's 64 images x 16 views
+    python bench.py --steps 50 --warmup 10 --batch-size 64 --num-views 16 --precision bf16
+
+New sections (an EMP-SSL step, a finetune step) are functions bench_xxx(args, device) -> list of rows,
+appended to BENCHES.
+"""
+import argparse
+import resource
+import sys
+import time
+
+import torch
+from torchvision.transforms import v2
+
+import mmcr_pretrain
+
+MEAN, STD = mmcr_pretrain.CIFAR_STATS["cifar10"]
+# The MMCR recipe's augmentation, exactly as mmcr_pretrain.main calls augment().
+AUG = dict(size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1),
+           p_jitter=0.8, p_gray=0.2, p_blur=0.1, p_solarize=0.2)
+
+
+def timeit(fn, steps, warmup, device):
+    """Mean seconds per call of fn(), after `warmup` untimed calls (compilation, cudnn autotune, caches)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":  # kernels run asynchronously: time on the stream with events
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / steps
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t) / steps
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device):
+    """GPU: peak allocated by torch since reset_peak. CPU: the whole process's peak RSS so far (it never resets)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS
+    return f"{kib / 1024:.0f} MiB process RSS"
+
+
+def row(name, views, seconds, memory, notes):
+    return dict(name=name, views_s=views / seconds, ms=seconds * 1000, memory=memory, notes=notes)
+
+
+def bench_mmcr_step(args, device):
+    """One MMCR training step as in mmcr_pretrain.main, and augmentation alone for the same views."""
+    b, v = args.batch_size, args.num_views
+    gen = torch.Generator(device).manual_seed(0)
+    pool = torch.randint(0, 256, (max(1024, b), 3, 32, 32), dtype=torch.uint8, device=device)  # stands in for the dataset
+    model = mmcr_pretrain.MMCRModel(128).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-6)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    forward = torch.compile(model) if args.compile else model
+
+    def views():
+        idx = torch.randint(len(pool), (b,), device=device, generator=gen)
+        return mmcr_pretrain.augment(pool[idx].repeat_interleave(v, 0), gen, MEAN, STD, **AUG)
+
+    def step():
+        x = views()
+        with torch.autocast(device.type, dtype=ptdtype, enabled=args.precision != "fp32"):
+            z = forward(x)
+        loss = mmcr_pretrain.mmcr_loss(z.view(b, v, -1))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak(device)
+    t_step = timeit(step, args.steps, args.warmup, device)
+    mem = peak_memory(device)
+    t_aug = timeit(views, args.steps, args.warmup, device)
+    shape = f"{b} img x {v} views, {args.precision}{', compiled' if args.compile else ''}"
+    return [row("mmcr step (aug+fwd+bwd+adam)", b * v, t_step, mem, shape),
+            row("  augmentation alone", b * v, t_aug, "-", f"{100 * t_aug / t_step:.0f}% of the mmcr step")]
+
+
+def bench_augment_batched(args, device):
+    """mmcr_pretrain.augment on one batch of uint8 images already on the device."""
+    gen = torch.Generator(device).manual_seed(0)
+    images = torch.randint(0, 256, (args.aug_views, 3, 32, 32), dtype=torch.uint8, device=device)
+    reset_peak(device)
+    t = timeit(lambda: mmcr_pretrain.augment(images, gen, MEAN, STD, **AUG), args.steps, args.warmup, device)
+    return [row("augment batched (mmcr_pretrain)", args.aug_views, t, peak_memory(device),
+                f"{device.type}, {args.aug_views} views/call, {torch.get_num_threads()} threads")]
+
+
+def per_image_pipeline():
+    """The reference's per-image pipeline with the recipe's parameters, in torchvision.transforms.v2.
+
+    Solarize runs on the PIL image at threshold 128, before the float conversion: the reference
+    solarizes PIL images (ImageOps.solarize, default threshold 128) before ToTensor.
+    """
+    return v2.Compose([
+        v2.RandomResizedCrop(32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.1),
+        v2.RandomSolarize(128, p=0.2),
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(MEAN, STD),
+    ])
+
+
+def bench_augment_per_image(args, device):
+    """The per-image pipeline on CPU PIL images, one process, image by image (as the reference's workers do)."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (args.aug_views, 3, 32, 32), dtype=torch.uint8)
+    # The reference's CIFAR dataset hands PIL images to the transform; converting them here, untimed,
+    # leaves that (amortised over the views of an image) out of the baseline: a conservative speedup.
+    pil = [v2.functional.to_pil_image(x) for x in images]
+    transform = per_image_pipeline()
+    cpu = torch.device("cpu")
+    reset_peak(device)
+    # A pass over all images is slow (about 1000x a single image), so fewer timed passes suffice.
+    t = timeit(lambda: [transform(x) for x in pil], max(1, args.steps // 4), min(1, args.warmup), cpu)
+    return [row("augment per-image (torchvision v2)", args.aug_views, t, peak_memory(cpu),
+                f"cpu, PIL, 1 process, {torch.get_num_threads()} threads")]
+
+
+BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # bad flags: one line on stderr, exit code 2 (argparse also prints usage)
+        print(f"bench.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 if supported, else fp16 on GPU, fp32 on CPU (as mmcr_pretrain.py)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    p.add_argument("--batch-size", type=int, help="images per MMCR step (default 64 on GPU, 8 on CPU)")
+    p.add_argument("--num-views", type=int, help="views per image (default 16 on GPU, 4 on CPU)")
+    p.add_argument("--aug-views", type=int, default=1024, help="views per call of the augmentation benchmarks")
+    p.add_argument("--steps", type=int, help="timed iterations (default 50 on GPU, 8 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (default 10 on GPU, 2 on CPU)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but no GPU is available")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    # CPU defaults are small so the whole run takes about a minute; GPU defaults are the recipe's shape.
+    for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("num_views", 16, 4), ("steps", 50, 8), ("warmup", 10, 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, on_gpu if gpu else on_cpu)
+    if args.precision == "auto":
+        args.precision = "fp32" if not gpu else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    for bad, message in ((args.batch_size < 1, "--batch-size must be positive"), (args.num_views < 2, "--num-views must be at least 2"),
+                         (args.aug_views < 1, "--aug-views must be positive"), (args.steps < 1, "--steps must be positive"),
+                         (args.warmup < 0, "--warmup must be >= 0")):
+        if bad:
+            p.error(message)
+    return args, device
+
+
+def main():
+    args, device = parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as mmcr_pretrain.main
+    torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name}), torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
+          f"precision {args.precision}, compile {args.compile}, steps {args.steps}, warmup {args.warmup}")
+    print(f"mmcr step shape: {args.batch_size} images x {args.num_views} views = {args.batch_size * args.num_views} views")
+    rows = [r for bench in BENCHES for r in bench(args, device)]
+    table = [("name", "views/s", "ms/step", "peak memory", "notes")]
+    table += [(r["name"], f"{r['views_s']:.0f}", f"{r['ms']:.1f}", r["memory"], r["notes"]) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(4)]
+    for line in table:  # names and memory left-aligned, numbers right-aligned, notes last and unpadded
+        print("  ".join([line[0].ljust(widths[0]), line[1].rjust(widths[1]), line[2].rjust(widths[2]), line[3].ljust(widths[3]), line[4]]))
+    speed = {r["name"]: r["views_s"] for r in rows}
+    ratio = speed["augment batched (mmcr_pretrain)"] / speed["augment per-image (torchvision v2)"]
+    print(f"augmentation speedup vs per-image torchvision: {ratio:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

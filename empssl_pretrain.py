@@ -1,0 +1,644 @@
+"""EMP-SSL pretraining of a CIFAR ResNet18 in one epoch: Extreme Multi-Patch Self-Supervised Learning.
+
+Tong, Chen, Ma, LeCun 2023, https://arxiv.org/abs/2304.03977, official code https://github.com/tsb0601/EMP-SSL
+Every image gives P small patches; the loss is the total coding rate of each patch across the batch plus
+the cosine similarity of every patch to its image's patch centroid. Evaluation embeds an image as the mean
+of the 4096-d embeddings of 128 patches (bag of features). The whole dataset lives on the device as uint8
+and every patch is augmented there in one batch, so the GPU, not PIL on CPU workers, sets the speed.
+
+    python empssl_pretrain.py                                 # CIFAR-10, the paper's recipe: 1 epoch, 20 patches
+    python empssl_pretrain.py --dataset path/to/imagefolder   # train/<class>/* and test/<class>/*
+    torchrun --nproc_per_node 4 empssl_pretrain.py            # same script, 4 GPUs (--batch-size is global)
+    python empssl_linear.py --dataset runs/empssl/<run>/embeddings
+
+Outputs in --output-dir: config.json, metrics.jsonl, last.pt (resumable), best.pt (best kNN top-1),
+embeddings/{train,test}.pt (bag-of-features embeddings of every image, the input of empssl_linear.py).
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from knn import knn_accuracy
+
+SCRIPT, RUNS = "empssl_pretrain", "runs/empssl"  # checkpoints name the script that wrote them
+
+# ----------------------------------------------------------------------------- config
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    dataset: str = arg("cifar10", "cifar10, cifar100, or an ImageFolder root with train/<class>/* and test/<class>/*")
+    data_dir: str = arg("./data", "where CIFAR is downloaded and decoded ImageFolders are cached")
+    output_dir: str = arg("", "run folder (default runs/empssl/<timestamp>)")
+    resume: str = arg("", "a checkpoint to resume from, or 'auto' for <output-dir>/last.pt if it exists")
+    batch_size: int = arg(100, "images per step over all GPUs (x train-patches views)")
+    train_patches: int = arg(20, "patches per image in training")
+    valid_patches: int = arg(128, "patches per image averaged into the bag-of-features embedding for evaluation")
+    max_epochs: int = arg(1, "epochs of training")
+    learning_rate: float = arg(0.3, "LARS (SGD, momentum 0.9, nesterov) peak learning rate")
+    weight_decay: float = arg(1e-4, "weight decay of the LARS-adapted weights (biases and norm parameters get none)")
+    warmup_duration: float = arg(0.0, "fraction of all steps spent in linear warm-up before the cosine decay")
+    hidden_dim: int = arg(4096, "width of the embedding used for evaluation and of the projector")
+    projection_dim: int = arg(1024, "output dimension of the projector (the loss's space)")
+    invariance_coefficient: float = arg(200.0, "weight of the patch similarity against the total coding rate")
+    tcr_eps: float = arg(0.2, "distortion eps of the total coding rate")
+    num_neighbours: int = arg(20, "k of the weighted kNN evaluation")
+    temperature: float = arg(0.07, "temperature of the weighted kNN evaluation")
+    eval_every: int = arg(0, "bag-of-features kNN every this many epochs (0: only after the last, always done)")
+    image_size: int = arg(32, "side of the square training images")
+    limit_train: int = arg(0, "use a random subset of this many training images (0 = all)")
+    limit_test: int = arg(0, "use a random subset of this many test images (0 = all)")
+    device: str = arg("auto", "auto, cuda or cpu")
+    precision: str = arg("auto", "auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
+    compile: bool = arg(False, "torch.compile the model")
+    log_every: int = arg(50, "steps between progress-bar updates (the only host syncs of the loop)")
+    seed: int = arg(42, "random seed")
+
+
+def parse_config(argv=None):
+    """argparse generated from the dataclass: --batch-size for batch_size, help from the field."""
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(name, type=kind, default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2, never a traceback."""
+
+
+# ----------------------------------------------------------------------------- data
+
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+
+
+def load_image_folder(root, image_size, cache_dir):
+    """Decode root/<class>/* once into uint8 (N, 3, S, S); cached by file list, sizes and mtimes."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+            for n in sorted(names):
+                if n.lower().endswith(IMG_EXTENSIONS):  # like torchvision's ImageFolder, skip non-images
+                    files.append(os.path.join(dirpath, n))
+                    labels.append(label)
+    if not files:
+        raise UserError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
+    key = hashlib.sha1(repr((os.path.abspath(root), image_size, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])).encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, f"imagefolder-{key}.pt")
+    if os.path.exists(cache):
+        d = torch.load(cache, weights_only=True)
+        return d["images"], d["labels"], d["classes"]
+    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    for i, path in enumerate(tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1)):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")  # grayscale, palette and RGBA all occur in the wild
+                if im.size != (image_size, image_size):  # shorter side to image_size, then centre crop
+                    s = image_size / min(im.size)
+                    w, h = max(image_size, round(im.size[0] * s)), max(image_size, round(im.size[1] * s))
+                    im = im.resize((w, h), Image.BICUBIC)
+                    left, top = (w - image_size) // 2, (h - image_size) // 2
+                    im = im.crop((left, top, left + image_size, top + image_size))
+                images[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3).permute(2, 0, 1)
+        except Exception as e:
+            raise UserError(f"cannot read image {path}: {e}")
+    labels = torch.tensor(labels, dtype=torch.long)
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_save({"images": images, "labels": labels, "classes": classes}, cache)
+    return images, labels, classes
+
+
+def load_dataset(cfg):
+    """(train_images, train_labels, test_images, test_labels, classes, (mean, std)); images uint8 on CPU."""
+    if cfg.dataset in ("cifar10", "cifar100"):
+        cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            train, test = (cls(cfg.data_dir, train=t, download=True) for t in (True, False))
+        except Exception as e:
+            raise UserError(f"could not load or download {cfg.dataset} into {cfg.data_dir} ({type(e).__name__}: {e}); "
+                            f"offline, put the python version of the archive from https://www.cs.toronto.edu/~kriz/cifar.html "
+                            f"into {cfg.data_dir}, or pass an ImageFolder root as --dataset")
+        split = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)) for d in (train, test)]
+        classes, stats = train.classes, CIFAR_STATS[cfg.dataset]
+        if cfg.image_size != 32:
+            split = [(F.interpolate(x.float(), size=cfg.image_size, mode="bicubic", antialias=True).round().clamp(0, 255).byte(), y) for x, y in split]
+    else:
+        for s in ("train", "test"):
+            if not os.path.isdir(os.path.join(cfg.dataset, s)):
+                raise UserError(f"--dataset {cfg.dataset}: no folder {os.path.join(cfg.dataset, s)} (expected cifar10, cifar100 or an ImageFolder root with train/ and test/)")
+        (xtr, ytr, classes), (xte, yte, test_classes) = (load_image_folder(os.path.join(cfg.dataset, s), cfg.image_size, os.path.join(cfg.data_dir, "cache")) for s in ("train", "test"))
+        if test_classes != classes:
+            raise UserError(f"--dataset {cfg.dataset}: train has classes {classes[:5]}... ({len(classes)}), test has {test_classes[:5]}... ({len(test_classes)})")
+        split = [(xtr, ytr), (xte, yte)]
+        x = xtr.float().div_(255)  # normalise an unknown dataset with its own training statistics
+        stats = (tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist()))
+    for i, limit in enumerate((cfg.limit_train, cfg.limit_test)):  # a fixed random subset keeps every class
+        if 0 < limit < len(split[i][0]):
+            keep = torch.randperm(len(split[i][0]), generator=torch.Generator().manual_seed(0))[:limit]
+            split[i] = (split[i][0][keep], split[i][1][keep])
+    return split[0][0], split[0][1], split[1][0], split[1][1], list(classes), stats
+
+
+# GPU augmentation: every op takes a float batch (N, 3, H, W) in [0, 1] and per-view parameters,
+# and matches torchvision.transforms.v2.functional applied to one image with those parameters.
+
+def sample_crops(n, height, width, scale, ratio, gen):
+    """RandomResizedCrop.get_params for n views at once: (top, left, h, w) integer-valued float tensors."""
+    dev = gen.device
+    area = height * width
+    target = area * torch.empty(n, 10, device=dev).uniform_(scale[0], scale[1], generator=gen)
+    aspect = torch.exp(torch.empty(n, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen))
+    w, h = torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.float().argmax(1, keepdim=True)  # torchvision takes the first of 10 tries that fits
+    w, h, ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)
+    in_ratio = width / height  # fallback when no try fits: the whole image, clamped to the ratio range
+    fw = width if ratio[0] <= in_ratio <= ratio[1] else (width if in_ratio < ratio[0] else round(height * ratio[1]))
+    fh = height if ratio[0] <= in_ratio <= ratio[1] else (round(width / ratio[0]) if in_ratio < ratio[0] else height)
+    w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
+    top = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor(), ((height - h) / 2).round())
+    left = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor(), ((width - w) / 2).round())
+    return top, left, h, w
+
+
+def resized_crop_flip(x, top, left, h, w, flip, size):
+    """Crop each view to its box, resize to size x size (bilinear) and mirror where flip: one grid_sample."""
+    n, _, height, width = x.shape
+    # Output pixel centre u in [-1, 1] samples the source at left + (u + 1) / 2 * w (half-pixel centres,
+    # as F.interpolate with align_corners=False); padding "border" clamps like interpolate does.
+    sx, sy = w / width, h / height
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = torch.where(flip, -sx, sx)
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x):
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # ITU-R 601-2 luma, as torchvision
+
+
+def adjust_brightness(x, b):
+    return (x * b.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_contrast(x, c):
+    mean = grayscale(x).mean((1, 2, 3), keepdim=True)
+    c = c.view(-1, 1, 1, 1)
+    return (c * x + (1 - c) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, s):
+    s = s.view(-1, 1, 1, 1)
+    return (s * x + (1 - s) * grayscale(x)).clamp(0, 1)
+
+
+def adjust_hue(x, hue):
+    """RGB -> HSV, rotate the hue by hue (in turns), HSV -> RGB; the formulas of torchvision's _rgb_to_hsv."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    sat = cr / torch.where(eqc, torch.ones_like(maxc), maxc)
+    crd = torch.where(eqc, torch.ones_like(cr), cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + hue.view(-1, 1, 1), 1.0) * 6
+    i = h.floor()
+    f = h - i
+    i = i.long() % 6
+    p, q, t = (maxc * (1 - sat)).clamp(0, 1), (maxc * (1 - sat * f)).clamp(0, 1), (maxc * (1 - sat * (1 - f))).clamp(0, 1)
+    v = maxc
+    # sector i of the hue circle picks (r, g, b) from (v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q)
+    table = torch.stack([torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)
+    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+
+
+def gaussian_blur(x, sigma):
+    """3x3 Gaussian blur with a per-view sigma, reflect padding (torchvision's gaussian_blur, kernel 3)."""
+    k = torch.exp(-0.5 / sigma.view(-1, 1, 1, 1) ** 2)  # weight of the two side taps; centre tap is 1
+    k0, k1 = k / (1 + 2 * k), 1 / (1 + 2 * k)
+    p = F.pad(x, (1, 1, 0, 0), mode="reflect")
+    x = k0 * p[..., :-2] + k1 * p[..., 1:-1] + k0 * p[..., 2:]
+    p = F.pad(x, (0, 0, 1, 1), mode="reflect")
+    return k0 * p[..., :-2, :] + k1 * p[..., 1:-1, :] + k0 * p[..., 2:, :]
+
+
+def solarize(x, threshold=0.5):
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, p_solarize):
+    """A batch of uint8 images (N, 3, H, W) -> N independently augmented, normalised float views.
+
+    RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
+    (kernel 3, sigma 0.1-2), solarize (threshold 0.5), normalise: the per-image torchvision pipeline
+    of the reference code, with every random parameter drawn per view.
+    """
+    n, dev = images.shape[0], images.device
+    u = lambda lo, hi: torch.empty(n, device=dev).uniform_(lo, hi, generator=gen)
+    coin = lambda p: torch.rand(n, device=dev, generator=gen) < p
+    top, left, h, w = sample_crops(n, images.shape[2], images.shape[3], scale, ratio, gen)
+    x = resized_crop_flip(images.float().div_(255), top, left, h, w, coin(0.5), size)
+    # ColorJitter applies brightness, contrast, saturation and hue in a random order per view. The first
+    # three are linear and commute (up to clamping), so only where hue falls matters: the linear ops
+    # whose random position comes before hue's run before it, the others after.
+    apply = coin(p_jitter)
+    factors = [torch.where(apply, u(1 - j, 1 + j), 1.0) for j in jitter[:3]]
+    hue = torch.where(apply, u(-jitter[3], jitter[3]), 0.0)
+    order = torch.rand(n, 4, device=dev, generator=gen).argsort(1)  # position of each op in the order
+    for before in (True, False):
+        b, c, s = (torch.where((order[:, i] < order[:, 3]) == before, f, 1.0) for i, f in enumerate(factors))
+        x = adjust_saturation(adjust_contrast(adjust_brightness(x, b), c), s)
+        if before:
+            x = adjust_hue(x, hue)
+    x = torch.where(coin(p_gray).view(-1, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
+    x = gaussian_blur(x, torch.where(coin(p_blur), u(0.1, 2.0), 1e-3))  # sigma 1e-3: side taps are exactly 0
+    x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x), x)
+    x = (x - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+AUGMENT = dict(scale=(0.25, 0.25), ratio=(1.0, 1.0), jitter=(0.4, 0.4, 0.4, 0.2), p_jitter=0.8, p_gray=0.2, p_blur=0.1, p_solarize=0.1)
+
+
+def normalize(images, mean, std):
+    x = images.float().div_(255)
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def cifar_resnet18():
+    """torchvision ResNet18 with a 3x3 stride-1 stem and no max-pool (32x32 inputs); fc removed: 512-d."""
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+class EMPSSLModel(nn.Module):
+    """backbone -> Linear-BN-ReLU = the hidden_dim embedding h (evaluation) -> Linear-BN-ReLU-Linear = z (loss)."""
+
+    def __init__(self, hidden_dim, projection_dim):
+        super().__init__()
+        self.backbone = cifar_resnet18()
+        self.pre_feature = nn.Sequential(nn.Linear(512, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True))
+        self.projector = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                                       nn.Linear(hidden_dim, projection_dim))
+
+    def forward(self, x):
+        h = self.pre_feature(self.backbone(x))
+        return h, self.projector(h)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with layer-wise adaptive rate scaling (You et al. 2017, https://arxiv.org/abs/1708.03888).
+
+    As the LARS wrapper of the EMP-SSL code: for every weight with ndim > 1 the gradient gets weight decay
+    and is scaled by the trust ratio trust_coefficient * ||w|| / (||g|| + weight_decay * ||w||), divided
+    by the learning rate and clipped at 1, so the effective rate is min(trust ratio, lr). Biases and norm
+    parameters (ndim 1) get neither adaptation nor weight decay. Then plain SGD with (nesterov) momentum.
+    """
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, nesterov=True, trust_coefficient=0.005, clip=True):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      trust_coefficient=trust_coefficient, clip=clip))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p = p.grad
+                if p.ndim > 1:
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d_p)
+                    ratio = group["trust_coefficient"] * w_norm / (g_norm + group["weight_decay"] * w_norm)
+                    if group["clip"]:
+                        ratio = torch.clamp(ratio / group["lr"], max=1.0)
+                    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)  # fresh or zero layers: plain SGD
+                    d_p = (d_p + group["weight_decay"] * p) * ratio
+                if group["momentum"]:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = d_p.clone()
+                    else:
+                        state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                    buf = state["momentum_buffer"]
+                    d_p = d_p + group["momentum"] * buf if group["nesterov"] else buf
+                p.add_(d_p, alpha=-group["lr"])
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def gather(z):
+    """Concatenate z over all DDP ranks along dim 0, with autograd (identity without DDP)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import torch.distributed.nn.functional as dist_fn
+        return torch.cat(dist_fn.all_gather(z), 0)
+    return z
+
+
+def total_coding_rate(z, eps=0.2):
+    """Mean over patches p of R(Z_p) = 1/2 logdet(I_d + d / (m eps) Z_p^T Z_p), Z_p the (m, d) patch-p rows.
+
+    Yu et al. 2020 (MCR2), https://arxiv.org/abs/2006.08558, eq. 2. By Sylvester's determinant identity
+    logdet(I_d + c Z^T Z) = logdet(I_m + c Z Z^T), so the Gram matrix is built on the smaller side
+    (m = 100 images vs d = 1024 dims: a 10x smaller matrix); one batched Cholesky over all patches.
+    Under DDP the rows of all ranks are gathered (with autograd) so that m is the global batch.
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        z = gather(F.normalize(z.float(), dim=-1)).transpose(0, 1)  # (patches, m, d)
+        m, d = z.shape[1], z.shape[2]
+        gram = z @ z.transpose(1, 2) if m <= d else z.transpose(1, 2) @ z
+        eye = torch.eye(gram.shape[-1], device=z.device)
+        chol = torch.linalg.cholesky(eye + d / (m * eps) * gram)  # logdet of an SPD matrix = 2 sum log diag(L)
+        return chol.diagonal(dim1=-2, dim2=-1).log().sum(-1).mean()
+
+
+def patch_similarity(z):
+    """Mean cosine similarity of every patch embedding to its image's patch centroid, z (batch, patches, dim)."""
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z.float(), dim=-1)
+        return F.cosine_similarity(z, z.mean(1, keepdim=True), dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------- eval
+
+@torch.no_grad()
+def bag_of_features(model, images, gen, mean, std, size, patches, autocast, views_per_chunk=8192):
+    """(N, hidden_dim) mean embedding h of `patches` augmented patches of every image, in eval mode, chunked."""
+    was_training = model.training
+    model.eval()
+    chunk, out = max(1, views_per_chunk // patches), []
+    for i in tqdm(range(0, len(images), chunk), desc=f"bag of features ({patches} patches)", leave=False, mininterval=1):
+        x = augment(images[i:i + chunk].repeat_interleave(patches, 0), gen, mean, std, size, **AUGMENT)
+        with autocast:
+            h = model(x)[0]
+        out.append(h.float().view(-1, patches, h.shape[-1]).mean(1))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def lr_at(step, total_steps, warmup_steps, base_lr):
+    """Linear warm-up from base_lr / warmup_steps to base_lr, then cosine decay towards 0: a pure function of the step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then os.replace: a kill during saving never leaves a corrupt file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, script):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by these scripts")
+    if ckpt["script"] != script:
+        raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py")
+    return ckpt
+
+
+def check_config(cfg):
+    problems = [(cfg.train_patches < 2 or cfg.valid_patches < 1, "--train-patches must be at least 2 and --valid-patches at least 1"),
+                (cfg.hidden_dim < 1 or cfg.invariance_coefficient < 0 or cfg.tcr_eps <= 0, "--hidden-dim and --tcr-eps must be positive, --invariance-coefficient >= 0"),
+                (cfg.batch_size < 2, "--batch-size must be at least 2 (the coding rate is over the batch)"),
+                (cfg.max_epochs < 1, "--max-epochs must be at least 1"),
+                (cfg.learning_rate <= 0, "--learning-rate must be positive"),
+                (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
+                (cfg.projection_dim < 1, "--projection-dim must be positive"),
+                (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
+                (cfg.eval_every < 0 or cfg.log_every < 1, "--eval-every must be >= 0 and --log-every >= 1"),
+                (cfg.image_size < 8, "--image-size must be at least 8"),
+                (cfg.limit_train < 0 or cfg.limit_test < 0, "--limit-train and --limit-test must be >= 0"),
+                (cfg.device not in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu"),
+                (cfg.precision not in ("auto", "bf16", "fp16", "fp32"), "--precision must be auto, bf16, fp16 or fp32"),
+                (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda but no GPU is available")]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+
+
+def main(cfg):
+    check_config(cfg)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    master = rank == 0
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    precision = cfg.precision if cfg.precision != "auto" else ("fp32" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    autocast = torch.autocast(device.type, dtype=ptdtype, enabled=precision != "fp32")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+    cfg.output_dir = cfg.output_dir or os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
+
+    # data: each split once on the device as uint8
+    if ddp and not master:
+        dist.barrier()  # rank 0 downloads / decodes / caches first
+    xtr, ytr, xte, yte, classes, (mean, std) = load_dataset(cfg)
+    mean = std = (0.5, 0.5, 0.5)  # EMP-SSL normalises every dataset with 0.5 / 0.5
+    if ddp and master:
+        dist.barrier()
+    if cfg.batch_size > len(xtr):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(xtr)} images)")
+    xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
+    local_batch, views_per_image = cfg.batch_size // world, cfg.train_patches
+    steps_per_epoch = len(xtr) // cfg.batch_size  # the last partial batch is dropped
+    total_steps = cfg.max_epochs * steps_per_epoch
+    warmup_steps = int(cfg.warmup_duration * total_steps)
+
+    # model, optimizer, resume
+    model = EMPSSLModel(cfg.hidden_dim, cfg.projection_dim).to(device).to(memory_format=torch.channels_last)
+    optimizer = LARS(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.9, nesterov=True, trust_coefficient=0.005)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    gen = torch.Generator(device)
+    start_step, best, aug_states = 0, {"knn_top1": -1.0, "knn_top5": -1.0, "epoch": 0}, None
+    resume = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
+    if resume and (cfg.resume != "auto" or os.path.exists(resume)):
+        ckpt = load_checkpoint(resume, SCRIPT)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"{resume} does not fit this model (--hidden-dim {cfg.hidden_dim}, --projection-dim {cfg.projection_dim}?): {str(e).splitlines()[1].strip()[:200]}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step, best, aug_states = ckpt["step"], ckpt["best"], ckpt["aug_rng"]
+        if master:
+            print(f"resumed from {resume} at step {start_step} (epoch {start_step / steps_per_epoch:.2f})")
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if master:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        run_info = dict(dataclasses.asdict(cfg), world_size=world, device=str(device), precision_used=precision, num_train=len(xtr),
+                        num_test=len(xte), num_classes=len(classes), steps_per_epoch=steps_per_epoch, mean=mean, std=std)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(run_info, f, indent=2)
+        print(json.dumps(run_info))
+
+    def checkpoint(step):
+        """The state after `step` steps; every rank's augmentation RNG so a mid-epoch resume is exact."""
+        states = [None] * world
+        dist.all_gather_object(states, gen.get_state().cpu()) if ddp else states.__setitem__(0, gen.get_state().cpu())
+        return {"script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "epoch": step // steps_per_epoch, "best": best, "aug_rng": states, "config": dataclasses.asdict(cfg),
+                "classes": classes, "mean": list(mean), "std": list(std)}
+
+    stop = []  # Ctrl-C / SIGTERM: finish the step, save last.pt, exit
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: stop.append(signum))
+
+    t_start, step = time.time(), start_step
+    for step in range(start_step, total_steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or step == start_step:  # the epoch's order is a pure function of (seed, epoch): resumable
+            perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).to(device)
+            if aug_states is not None and step == start_step and i != 0 and len(aug_states) == world:
+                gen.set_state(aug_states[rank])  # exact mid-epoch resume
+            else:
+                gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
+            bar = tqdm(total=steps_per_epoch, initial=i, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", disable=not master, mininterval=1, leave=False)
+            loss_sum, t_epoch, steps_done = torch.zeros((), device=device), time.time(), 0
+        lr = lr_at(step, total_steps, warmup_steps, cfg.learning_rate)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        idx = perm[i * cfg.batch_size + rank * local_batch: i * cfg.batch_size + (rank + 1) * local_batch]
+        views = augment(xtr[idx].repeat_interleave(views_per_image, 0), gen, mean, std, cfg.image_size, **AUGMENT)
+        with autocast:
+            z = model(views)[1].view(local_batch, views_per_image, -1)
+        tcr, similarity = total_coding_rate(z, cfg.tcr_eps), patch_similarity(z)
+        loss = -tcr - cfg.invariance_coefficient * similarity
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        steps_done += 1
+        bar.update()
+
+        if (step + 1) % cfg.log_every == 0:  # the only host sync inside an epoch
+            bar.set_postfix(loss=f"{loss.item():.3f}", tcr=f"{tcr.item():.2f}", sim=f"{similarity.item():.3f}", lr=f"{lr:.2e}", views_s=f"{steps_done * cfg.batch_size * views_per_image / (time.time() - t_epoch):.0f}")
+            if ddp:  # every rank must agree to stop at the same step
+                flag = torch.tensor(float(len(stop)), device=device)
+                dist.all_reduce(flag)
+                if flag.item() > 0 and not stop:
+                    stop.append(signal.SIGTERM)
+        if stop and (not ddp or (step + 1) % cfg.log_every == 0):
+            if master:
+                atomic_save(checkpoint(step + 1), os.path.join(cfg.output_dir, "last.pt"))
+            else:
+                checkpoint(step + 1)
+            bar.close()
+            if master:
+                print(f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} at step {step + 1}; continue with --resume auto --output-dir {cfg.output_dir}", file=sys.stderr)
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(128 + stop[0])
+
+        if i + 1 == steps_per_epoch:  # end of epoch: kNN, metrics, checkpoints
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.time() - t_epoch
+            stats = {"epoch": epoch + 1, "step": step + 1, "loss": loss_sum.item() / steps_done, "lr": lr, "knn_top1": None, "knn_top5": None,
+                     "epoch_seconds": round(seconds, 3), "views_per_second": round(steps_done * cfg.batch_size * views_per_image / seconds, 1)}
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs:
+                if master:  # the other ranks wait: 128 patches of 60k images take a minute or two on one GPU
+                    eval_gen = torch.Generator(device).manual_seed(cfg.seed)  # the same patches at every evaluation
+                    ftr, fte = (bag_of_features(raw_model, x, eval_gen, mean, std, cfg.image_size, cfg.valid_patches, autocast) for x in (xtr, xte))
+                    stats["knn_top1"], stats["knn_top5"] = knn_accuracy(ftr, ytr, fte, yte, cfg.num_neighbours, cfg.temperature, len(classes))
+                    os.makedirs(os.path.join(cfg.output_dir, "embeddings"), exist_ok=True)
+                    for name, f, y in (("train", ftr, ytr), ("test", fte, yte)):
+                        atomic_save({"embeddings": f.half().cpu(), "labels": y.cpu(), "dim": f.shape[1], "patches": cfg.valid_patches, "classes": classes,
+                                     "checkpoint": os.path.join(cfg.output_dir, "last.pt"), "epoch": epoch + 1, "dataset": cfg.dataset},
+                                    os.path.join(cfg.output_dir, "embeddings", f"{name}.pt"))
+                if ddp:
+                    dist.barrier()
+            ckpt = checkpoint(step + 1)
+            if master:
+                if stats["knn_top1"] is not None and stats["knn_top1"] > best["knn_top1"]:
+                    best = ckpt["best"] = {"knn_top1": stats["knn_top1"], "knn_top5": stats["knn_top5"], "epoch": epoch + 1}
+                    atomic_save(ckpt, os.path.join(cfg.output_dir, "best.pt"))
+                atomic_save(ckpt, os.path.join(cfg.output_dir, "last.pt"))
+                with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(stats) + "\n")
+                knn = f"knn top1 {stats['knn_top1']:.2f} top5 {stats['knn_top5']:.2f}" if stats["knn_top1"] is not None else "knn -"
+                print(f"epoch {epoch + 1}/{cfg.max_epochs} step {step + 1} loss {stats['loss']:.4f} lr {lr:.2e} {knn} "
+                      f"{seconds:.1f}s {stats['views_per_second']:.0f} views/s", flush=True)
+    if master:
+        print(f"done: best knn top1 {best['knn_top1']:.2f} top5 {best['knn_top5']:.2f} (epoch {best['epoch']}) "
+              f"in {time.time() - t_start:.1f}s; checkpoints in {cfg.output_dir}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cfg = parse_config()
+    try:
+        main(cfg)
+    except UserError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
