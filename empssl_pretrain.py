@@ -540,8 +540,10 @@ def main(cfg):
 
     def checkpoint(step):
         """The state after `step` steps; every rank's augmentation RNG so a mid-epoch resume is exact."""
-        states = [None] * world
-        dist.all_gather_object(states, gen.get_state().cpu()) if ddp else states.__setitem__(0, gen.get_state().cpu())
+        states = [gen.get_state().cpu()]
+        if ddp:
+            states = [None] * world
+            dist.all_gather_object(states, gen.get_state().cpu())
         return {"script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "epoch": step // steps_per_epoch, "best": best, "aug_rng": states, "config": dataclasses.asdict(cfg),
                 "classes": classes, "mean": list(mean), "std": list(std)}
@@ -587,12 +589,10 @@ def main(cfg):
                 if flag.item() > 0 and not stop:
                     stop.append(signal.SIGTERM)
         if stop and (not ddp or (step + 1) % cfg.log_every == 0):
-            if master:
-                atomic_save(checkpoint(step + 1), os.path.join(cfg.output_dir, "last.pt"))
-            else:
-                checkpoint(step + 1)
+            ckpt = checkpoint(step + 1)  # a collective under DDP: every rank takes part
             bar.close()
             if master:
+                atomic_save(ckpt, os.path.join(cfg.output_dir, "last.pt"))
                 print(f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} at step {step + 1}; continue with --resume auto --output-dir {cfg.output_dir}", file=sys.stderr)
             if ddp:
                 dist.destroy_process_group()

@@ -189,7 +189,8 @@ def resized_crop_flip(x, top, left, h, w, flip, size):
     """Crop each view to its box, resize to size x size (bilinear) and mirror where flip: one grid_sample."""
     n, _, height, width = x.shape
     # Output pixel centre u in [-1, 1] samples the source at left + (u + 1) / 2 * w (half-pixel centres,
-    # as F.interpolate with align_corners=False); padding "border" clamps like interpolate does.
+    # as F.interpolate with align_corners=False); clamping to the box's first and last pixel centres
+    # keeps the bilinear taps inside the box, as interpolate on the cropped image does.
     sx, sy = w / width, h / height
     theta = torch.zeros(n, 2, 3, device=x.device)
     theta[:, 0, 0] = torch.where(flip, -sx, sx)
@@ -197,7 +198,9 @@ def resized_crop_flip(x, top, left, h, w, flip, size):
     theta[:, 1, 1] = sy
     theta[:, 1, 2] = (2 * top + h) / height - 1
     grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], -1).view(n, 1, 1, 2)
+    hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], -1).view(n, 1, 1, 2)
+    return F.grid_sample(x, grid.clamp(lo, hi), mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def grayscale(x):
@@ -477,8 +480,10 @@ def main(cfg):
 
     def checkpoint(step):
         """The state after `step` steps; every rank's augmentation RNG so a mid-epoch resume is exact."""
-        states = [None] * world
-        dist.all_gather_object(states, gen.get_state().cpu()) if ddp else states.__setitem__(0, gen.get_state().cpu())
+        states = [gen.get_state().cpu()]
+        if ddp:
+            states = [None] * world
+            dist.all_gather_object(states, gen.get_state().cpu())
         return {"script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "epoch": step // steps_per_epoch, "best": best, "aug_rng": states, "config": dataclasses.asdict(cfg),
                 "classes": classes, "mean": list(mean), "std": list(std)}
@@ -523,12 +528,10 @@ def main(cfg):
                 if flag.item() > 0 and not stop:
                     stop.append(signal.SIGTERM)
         if stop and (not ddp or (step + 1) % cfg.log_every == 0):
-            if master:
-                atomic_save(checkpoint(step + 1), os.path.join(cfg.output_dir, "last.pt"))
-            else:
-                checkpoint(step + 1)
+            ckpt = checkpoint(step + 1)  # a collective under DDP: every rank takes part
             bar.close()
             if master:
+                atomic_save(ckpt, os.path.join(cfg.output_dir, "last.pt"))
                 print(f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} at step {step + 1}; continue with --resume auto --output-dir {cfg.output_dir}", file=sys.stderr)
             if ddp:
                 dist.destroy_process_group()

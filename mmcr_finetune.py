@@ -1,0 +1,538 @@
+"""Linear evaluation or full fine-tuning of an MMCR-pretrained CIFAR ResNet18.
+
+Reads a last.pt / best.pt of mmcr_pretrain.py (its config gives the image size, dataset and normalisation),
+prints the kNN accuracy of the loaded backbone, then trains a linear classifier on top: with the backbone
+frozen (`linear`, the standard protocol) or with everything trained (`backbone+linear`). With a frozen
+backbone and --augment none the features are computed once and the linear layer trains on them in seconds.
+
+    python mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt                                    # linear probe
+    python mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt --finetune-type backbone+linear
+    python mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt --augment none                     # cached features
+    torchrun --nproc_per_node 4 mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt
+
+Outputs in --output-dir: config.json, metrics.jsonl, last.pt (resumable), best.pt (best test top-1).
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from knn import knn_accuracy
+
+SCRIPT, RUNS = "mmcr_pretrain", "runs/mmcr"  # checkpoints name the script that wrote them
+
+from knn import knn_accuracy
+
+SCRIPT, RUNS = "mmcr_finetune", "runs/mmcr-finetune"  # checkpoints name the script that wrote them
+
+# ----------------------------------------------------------------------------- config
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    checkpoint: str = arg("", "required: a last.pt / best.pt written by mmcr_pretrain.py")
+    dataset: str = arg("", "cifar10, cifar100, or an ImageFolder root (default: the checkpoint's dataset)")
+    data_dir: str = arg("./data", "where CIFAR is downloaded and decoded ImageFolders are cached")
+    output_dir: str = arg("", "run folder (default runs/mmcr-finetune/<timestamp>)")
+    resume: str = arg("", "a checkpoint of this script to resume from, or 'auto' for <output-dir>/last.pt if it exists")
+    batch_size: int = arg(1024, "images per step over all GPUs")
+    max_epochs: int = arg(50, "epochs of training")
+    learning_rate: float = arg(0.01, "Adam peak learning rate of the classifier")
+    weight_decay: float = arg(1e-6, "Adam (L2) weight decay")
+    warmup_duration: float = arg(0.1, "fraction of all steps spent in linear warm-up before the cosine decay")
+    finetune_type: str = arg("linear", "linear (frozen backbone in eval mode) or backbone+linear (everything trains)")
+    backbone_lr_scale: float = arg(0.1, "backbone learning rate = this x --learning-rate (backbone+linear only)")
+    augment: str = arg("ssl", "ssl (RandomResizedCrop 0.08-1 + flip, as the reference), crop-flip (4-px padded crop + flip) or none")
+    num_neighbours: int = arg(200, "k of the kNN check of the loaded backbone")
+    temperature: float = arg(0.5, "temperature of the kNN check of the loaded backbone")
+    eval_every: int = arg(1, "test evaluation every this many epochs (0: only after the last, always done)")
+    image_size: int = arg(0, "side of the square images (0: the checkpoint's)")
+    limit_train: int = arg(0, "use a random subset of this many training images (0 = all)")
+    limit_test: int = arg(0, "use a random subset of this many test images (0 = all)")
+    device: str = arg("auto", "auto, cuda or cpu")
+    precision: str = arg("auto", "auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
+    compile: bool = arg(False, "torch.compile the model")
+    log_every: int = arg(50, "steps between progress-bar updates (the only host syncs of the loop)")
+    seed: int = arg(42, "random seed")
+
+
+def parse_config(argv=None):
+    """argparse generated from the dataclass: --batch-size for batch_size, help from the field."""
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(name, type=kind, default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2, never a traceback."""
+
+
+# ----------------------------------------------------------------------------- data
+
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+
+
+def load_image_folder(root, image_size, cache_dir):
+    """Decode root/<class>/* once into uint8 (N, 3, S, S); cached by file list, sizes and mtimes."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+            for n in sorted(names):
+                if n.lower().endswith(IMG_EXTENSIONS):  # like torchvision's ImageFolder, skip non-images
+                    files.append(os.path.join(dirpath, n))
+                    labels.append(label)
+    if not files:
+        raise UserError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
+    key = hashlib.sha1(repr((os.path.abspath(root), image_size, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])).encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, f"imagefolder-{key}.pt")
+    if os.path.exists(cache):
+        d = torch.load(cache, weights_only=True)
+        return d["images"], d["labels"], d["classes"]
+    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    for i, path in enumerate(tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1)):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")  # grayscale, palette and RGBA all occur in the wild
+                if im.size != (image_size, image_size):  # shorter side to image_size, then centre crop
+                    s = image_size / min(im.size)
+                    w, h = max(image_size, round(im.size[0] * s)), max(image_size, round(im.size[1] * s))
+                    im = im.resize((w, h), Image.BICUBIC)
+                    left, top = (w - image_size) // 2, (h - image_size) // 2
+                    im = im.crop((left, top, left + image_size, top + image_size))
+                images[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3).permute(2, 0, 1)
+        except Exception as e:
+            raise UserError(f"cannot read image {path}: {e}")
+    labels = torch.tensor(labels, dtype=torch.long)
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_save({"images": images, "labels": labels, "classes": classes}, cache)
+    return images, labels, classes
+
+
+def load_dataset(cfg):
+    """(train_images, train_labels, test_images, test_labels, classes, (mean, std)); images uint8 on CPU."""
+    if cfg.dataset in ("cifar10", "cifar100"):
+        cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            train, test = (cls(cfg.data_dir, train=t, download=True) for t in (True, False))
+        except Exception as e:
+            raise UserError(f"could not load or download {cfg.dataset} into {cfg.data_dir} ({type(e).__name__}: {e}); "
+                            f"offline, put the python version of the archive from https://www.cs.toronto.edu/~kriz/cifar.html "
+                            f"into {cfg.data_dir}, or pass an ImageFolder root as --dataset")
+        split = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)) for d in (train, test)]
+        classes, stats = train.classes, CIFAR_STATS[cfg.dataset]
+        if cfg.image_size != 32:
+            split = [(F.interpolate(x.float(), size=cfg.image_size, mode="bicubic", antialias=True).round().clamp(0, 255).byte(), y) for x, y in split]
+    else:
+        for s in ("train", "test"):
+            if not os.path.isdir(os.path.join(cfg.dataset, s)):
+                raise UserError(f"--dataset {cfg.dataset}: no folder {os.path.join(cfg.dataset, s)} (expected cifar10, cifar100 or an ImageFolder root with train/ and test/)")
+        (xtr, ytr, classes), (xte, yte, test_classes) = (load_image_folder(os.path.join(cfg.dataset, s), cfg.image_size, os.path.join(cfg.data_dir, "cache")) for s in ("train", "test"))
+        if test_classes != classes:
+            raise UserError(f"--dataset {cfg.dataset}: train has classes {classes[:5]}... ({len(classes)}), test has {test_classes[:5]}... ({len(test_classes)})")
+        split = [(xtr, ytr), (xte, yte)]
+        x = xtr.float().div_(255)  # normalise an unknown dataset with its own training statistics
+        stats = (tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist()))
+    for i, limit in enumerate((cfg.limit_train, cfg.limit_test)):  # a fixed random subset keeps every class
+        if 0 < limit < len(split[i][0]):
+            keep = torch.randperm(len(split[i][0]), generator=torch.Generator().manual_seed(0))[:limit]
+            split[i] = (split[i][0][keep], split[i][1][keep])
+    return split[0][0], split[0][1], split[1][0], split[1][1], list(classes), stats
+
+
+# GPU augmentation: the crop and flip of mmcr_pretrain.py, one grid_sample for the whole batch.
+
+def sample_crops(n, height, width, scale, ratio, gen):
+    """RandomResizedCrop.get_params for n views at once: (top, left, h, w) integer-valued float tensors."""
+    dev = gen.device
+    area = height * width
+    target = area * torch.empty(n, 10, device=dev).uniform_(scale[0], scale[1], generator=gen)
+    aspect = torch.exp(torch.empty(n, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen))
+    w, h = torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.float().argmax(1, keepdim=True)  # torchvision takes the first of 10 tries that fits
+    w, h, ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)
+    in_ratio = width / height  # fallback when no try fits: the whole image, clamped to the ratio range
+    fw = width if ratio[0] <= in_ratio <= ratio[1] else (width if in_ratio < ratio[0] else round(height * ratio[1]))
+    fh = height if ratio[0] <= in_ratio <= ratio[1] else (round(width / ratio[0]) if in_ratio < ratio[0] else height)
+    w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
+    top = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor(), ((height - h) / 2).round())
+    left = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor(), ((width - w) / 2).round())
+    return top, left, h, w
+
+
+def resized_crop_flip(x, top, left, h, w, flip, size):
+    """Crop each view to its box, resize to size x size (bilinear) and mirror where flip: one grid_sample."""
+    n, _, height, width = x.shape
+    # Output pixel centre u in [-1, 1] samples the source at left + (u + 1) / 2 * w (half-pixel centres,
+    # as F.interpolate with align_corners=False); clamping to the box's first and last pixel centres
+    # keeps the bilinear taps inside the box, as interpolate on the cropped image does.
+    sx, sy = w / width, h / height
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = torch.where(flip, -sx, sx)
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
+    lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], -1).view(n, 1, 1, 2)
+    hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], -1).view(n, 1, 1, 2)
+    return F.grid_sample(x, grid.clamp(lo, hi), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment(images, gen, mean, std, kind):
+    """uint8 images (N, 3, S, S) -> normalised float views: `ssl` RandomResizedCrop(scale 0.08-1) + flip,
+    `crop-flip` a random S x S crop of the image zero-padded by 4 px + flip (the supervised CIFAR recipe), `none`."""
+    n, size, dev = images.shape[0], images.shape[-1], images.device
+    x = images.float().div_(255)
+    if kind != "none":
+        if kind == "ssl":
+            top, left, h, w = sample_crops(n, size, size, (0.08, 1.0), (3 / 4, 4 / 3), gen)
+        else:  # integer shifts at scale 1 make grid_sample copy pixels exactly
+            x = F.pad(x, (4, 4, 4, 4))
+            top, left = (torch.randint(0, 9, (n,), device=dev, generator=gen).float() for _ in range(2))
+            h = w = torch.full((n,), float(size), device=dev)
+        x = resized_crop_flip(x, top, left, h, w, torch.rand(n, device=dev, generator=gen) < 0.5, size)
+    x = (x - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def normalize(images, mean, std):
+    x = images.float().div_(255)
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def cifar_resnet18():
+    """torchvision ResNet18 with a 3x3 stride-1 stem and no max-pool (32x32 inputs); fc removed: 512-d."""
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+class Classifier(nn.Module):
+    """The pretrained backbone and a linear layer; a frozen backbone runs without autograd."""
+
+    def __init__(self, num_classes, frozen):
+        super().__init__()
+        self.backbone, self.fc, self.frozen = cifar_resnet18(), nn.Linear(512, num_classes), frozen
+        self.backbone.requires_grad_(not frozen)
+
+    def forward(self, x):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            f = self.backbone(x)
+        return self.fc(f)
+
+    def train(self, mode=True):  # a frozen backbone stays in eval mode: its BatchNorm statistics do not move
+        super().train(mode)
+        self.backbone.train(mode and not self.frozen)
+        return self
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def extract_features(backbone, images, mean, std, batch_size=1024):
+    """512-d backbone features of uint8 images (no augmentation), in chunks, in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = torch.cat([backbone(normalize(images[i:i + batch_size], mean, std)).float() for i in range(0, len(images), batch_size)])
+    backbone.train(was_training)
+    return feats
+
+
+@torch.no_grad()
+def evaluate(head, inputs, labels, batch_size=1024):
+    """(cross-entropy, top-1 %, top-5 %) of head (the classifier, or its fc on cached features) on inputs."""
+    was_training = head.training
+    head.eval()
+    loss, top1, top5, k = 0.0, 0.0, 0.0, None
+    for i in range(0, len(inputs), batch_size):
+        logits, y = head(inputs[i:i + batch_size]).float(), labels[i:i + batch_size]
+        k = min(5, logits.shape[1])
+        hit = logits.topk(k, dim=1).indices == y.view(-1, 1)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        top1, top5 = top1 + hit[:, 0].sum().item(), top5 + hit.any(1).sum().item()
+    head.train(was_training)
+    return loss / len(inputs), 100 * top1 / len(inputs), 100 * top5 / len(inputs)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def lr_at(step, total_steps, warmup_steps, base_lr):
+    """Linear warm-up from base_lr / warmup_steps to base_lr, then cosine decay towards 0: a pure function of the step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then os.replace: a kill during saving never leaves a corrupt file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, script):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by these scripts")
+    if ckpt["script"] != script:
+        raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py")
+    return ckpt
+
+
+def check_config(cfg):
+    problems = [(not cfg.checkpoint, "--checkpoint is required (a last.pt / best.pt of mmcr_pretrain.py)"),
+                (cfg.finetune_type not in ("linear", "backbone+linear"), "--finetune-type must be linear or backbone+linear"),
+                (cfg.augment not in ("ssl", "crop-flip", "none"), "--augment must be ssl, crop-flip or none"),
+                (cfg.backbone_lr_scale < 0 or cfg.weight_decay < 0, "--backbone-lr-scale and --weight-decay must be >= 0"),
+                (cfg.batch_size < 1, "--batch-size must be positive"),
+                (cfg.max_epochs < 1, "--max-epochs must be at least 1"),
+                (cfg.learning_rate <= 0, "--learning-rate must be positive"),
+                (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
+                (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
+                (cfg.eval_every < 0 or cfg.log_every < 1, "--eval-every must be >= 0 and --log-every >= 1"),
+                (cfg.image_size != 0 and cfg.image_size < 8, "--image-size must be at least 8"),
+                (cfg.limit_train < 0 or cfg.limit_test < 0, "--limit-train and --limit-test must be >= 0"),
+                (cfg.device not in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu"),
+                (cfg.precision not in ("auto", "bf16", "fp16", "fp32"), "--precision must be auto, bf16, fp16 or fp32"),
+                (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda but no GPU is available")]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+
+
+def main(cfg):
+    check_config(cfg)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    master = rank == 0
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    precision = cfg.precision if cfg.precision != "auto" else ("fp32" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    autocast = torch.autocast(device.type, dtype=ptdtype, enabled=precision != "fp32")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+    cfg.output_dir = cfg.output_dir or os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
+    pretrained = load_checkpoint(cfg.checkpoint, "mmcr_pretrain")
+    cfg.dataset = cfg.dataset or pretrained["config"]["dataset"]
+    cfg.image_size = cfg.image_size or pretrained["config"]["image_size"]
+    if cfg.image_size != pretrained["config"]["image_size"]:
+        raise UserError(f"--image-size {cfg.image_size} differs from the checkpoint's {pretrained['config']['image_size']}")
+
+    # data: each split once on the device as uint8, normalised as in pretraining
+    if ddp and not master:
+        dist.barrier()  # rank 0 downloads / decodes / caches first
+    xtr, ytr, xte, yte, classes, _ = load_dataset(cfg)
+    if ddp and master:
+        dist.barrier()
+    mean, std = pretrained["mean"], pretrained["std"]
+    if len(classes) != len(pretrained["classes"]):
+        raise UserError(f"{cfg.checkpoint} was pretrained on a dataset with {len(pretrained['classes'])} classes "
+                        f"({pretrained['config']['dataset']}), but --dataset {cfg.dataset} has {len(classes)}")
+    if cfg.batch_size > len(xtr):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(xtr)} images)")
+    xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
+    local_batch = cfg.batch_size // world
+    steps_per_epoch = len(xtr) // cfg.batch_size  # the last partial batch is dropped
+    total_steps = cfg.max_epochs * steps_per_epoch
+    warmup_steps = int(cfg.warmup_duration * total_steps)
+
+    # model, optimizer, resume
+    frozen = cfg.finetune_type == "linear"
+    model = Classifier(len(classes), frozen).to(device).to(memory_format=torch.channels_last)
+    model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in pretrained["model"].items() if k.startswith("backbone.")})
+    groups = [{"params": model.fc.parameters(), "lr_scale": 1.0}]
+    groups += [] if frozen else [{"params": model.backbone.parameters(), "lr_scale": cfg.backbone_lr_scale}]
+    optimizer = torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    gen = torch.Generator(device)
+    start_step, best, aug_states = 0, {"top1": -1.0, "top5": -1.0, "epoch": 0}, None
+    resume = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
+    if resume and (cfg.resume != "auto" or os.path.exists(resume)):
+        ckpt = load_checkpoint(resume, SCRIPT)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{resume} does not fit this run (another --finetune-type or dataset?): {str(e).splitlines()[-1].strip()[:200]}")
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step, best, aug_states = ckpt["step"], ckpt["best"], ckpt["aug_rng"]
+        if master:
+            print(f"resumed from {resume} at step {start_step} (epoch {start_step / steps_per_epoch:.2f})")
+
+    # the loaded backbone's kNN accuracy first: a wrong checkpoint shows at once. A frozen backbone without
+    # augmentation always gives the same features, so the linear layer then trains on these, cached.
+    cached = frozen and cfg.augment == "none"
+    with autocast:
+        ftr, fte = extract_features(model.backbone, xtr, mean, std), extract_features(model.backbone, xte, mean, std)
+    if master:
+        top1, top5 = knn_accuracy(ftr, ytr, fte, yte, cfg.num_neighbours, cfg.temperature, len(classes))
+        print(f"loaded backbone of {cfg.checkpoint}: knn top1 {top1:.2f} top5 {top5:.2f} (k={cfg.num_neighbours}, T={cfg.temperature})")
+        if cached:
+            print("frozen backbone and --augment none: training the linear layer on cached features")
+    if not cached:
+        del ftr, fte
+    raw_model = model
+    head = model.fc if cached else model  # what a training step runs: on cached features, the linear layer alone
+    if cfg.compile:
+        head = torch.compile(head)
+    if ddp:
+        head = DDP(head, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if master:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        run_info = dict(dataclasses.asdict(cfg), world_size=world, device=str(device), precision_used=precision, num_train=len(xtr),
+                        num_test=len(xte), num_classes=len(classes), steps_per_epoch=steps_per_epoch, mean=mean, std=std)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(run_info, f, indent=2)
+        print(json.dumps(run_info))
+
+    def checkpoint(step):
+        """The state after `step` steps; every rank's augmentation RNG so a mid-epoch resume is exact."""
+        states = [gen.get_state().cpu()]
+        if ddp:
+            states = [None] * world
+            dist.all_gather_object(states, gen.get_state().cpu())
+        return {"script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "epoch": step // steps_per_epoch, "best": best, "aug_rng": states, "config": dataclasses.asdict(cfg),
+                "classes": classes, "mean": list(mean), "std": list(std), "pretrained": cfg.checkpoint}
+
+    stop = []  # Ctrl-C / SIGTERM: finish the step, save last.pt, exit
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: stop.append(signum))
+
+    t_start, step = time.time(), start_step
+    for step in range(start_step, total_steps):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or step == start_step:  # the epoch's order is a pure function of (seed, epoch): resumable
+            perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).to(device)
+            if aug_states is not None and step == start_step and i != 0 and len(aug_states) == world:
+                gen.set_state(aug_states[rank])  # exact mid-epoch resume
+            else:
+                gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
+            bar = tqdm(total=steps_per_epoch, initial=i, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", disable=not master, mininterval=1, leave=False)
+            loss_sum, t_epoch, steps_done = torch.zeros((), device=device), time.time(), 0
+        lr = lr_at(step, total_steps, warmup_steps, cfg.learning_rate)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+
+        idx = perm[i * cfg.batch_size + rank * local_batch: i * cfg.batch_size + (rank + 1) * local_batch]
+        inputs = ftr[idx] if cached else augment(xtr[idx], gen, mean, std, cfg.augment)
+        with autocast:
+            logits = head(inputs)
+        loss = F.cross_entropy(logits.float(), ytr[idx])
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        steps_done += 1
+        bar.update()
+
+        if (step + 1) % cfg.log_every == 0:  # the only host sync inside an epoch
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{steps_done * cfg.batch_size / (time.time() - t_epoch):.0f}")
+            if ddp:  # every rank must agree to stop at the same step
+                flag = torch.tensor(float(len(stop)), device=device)
+                dist.all_reduce(flag)
+                if flag.item() > 0 and not stop:
+                    stop.append(signal.SIGTERM)
+        if stop and (not ddp or (step + 1) % cfg.log_every == 0):
+            ckpt = checkpoint(step + 1)  # a collective under DDP: every rank takes part
+            bar.close()
+            if master:
+                atomic_save(ckpt, os.path.join(cfg.output_dir, "last.pt"))
+                print(f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} at step {step + 1}; continue with --resume auto --output-dir {cfg.output_dir}", file=sys.stderr)
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(128 + stop[0])
+
+        if i + 1 == steps_per_epoch:  # end of epoch: test, metrics, checkpoints
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.time() - t_epoch
+            stats = {"epoch": epoch + 1, "step": step + 1, "train_loss": loss_sum.item() / steps_done, "lr": lr, "test_loss": None, "top1": None,
+                     "top5": None, "epoch_seconds": round(seconds, 3), "images_per_second": round(steps_done * cfg.batch_size / seconds, 1)}
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs:
+                if master:
+                    with autocast:
+                        stats["test_loss"], stats["top1"], stats["top5"] = (evaluate(raw_model.fc, fte, yte) if cached else
+                                                                            evaluate(raw_model, normalize(xte, mean, std), yte))
+                if ddp:
+                    dist.barrier()
+            ckpt = checkpoint(step + 1)
+            if master:
+                if stats["top1"] is not None and stats["top1"] > best["top1"]:
+                    best = ckpt["best"] = {"top1": stats["top1"], "top5": stats["top5"], "epoch": epoch + 1}
+                    atomic_save(ckpt, os.path.join(cfg.output_dir, "best.pt"))
+                atomic_save(ckpt, os.path.join(cfg.output_dir, "last.pt"))
+                with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(stats) + "\n")
+                test = f"test loss {stats['test_loss']:.4f} top1 {stats['top1']:.2f} top5 {stats['top5']:.2f}" if stats["top1"] is not None else "test -"
+                print(f"epoch {epoch + 1}/{cfg.max_epochs} step {step + 1} train loss {stats['train_loss']:.4f} lr {lr:.2e} {test} "
+                      f"{seconds:.1f}s {stats['images_per_second']:.0f} images/s", flush=True)
+    if master:
+        print(f"done: best top1 {best['top1']:.2f} top5 {best['top5']:.2f} (epoch {best['epoch']}) "
+              f"in {time.time() - t_start:.1f}s; checkpoints in {cfg.output_dir}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cfg = parse_config()
+    try:
+        main(cfg)
+    except UserError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
