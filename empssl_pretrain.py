@@ -184,8 +184,8 @@ def sample_crops(n, height, width, scale, ratio, gen):
     fw = width if ratio[0] <= in_ratio <= ratio[1] else (width if in_ratio < ratio[0] else round(height * ratio[1]))
     fh = height if ratio[0] <= in_ratio <= ratio[1] else (round(width / ratio[0]) if in_ratio < ratio[0] else height)
     w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
-    top = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor(), ((height - h) / 2).round())
-    left = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor(), ((width - w) / 2).round())
+    top = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor(), ((width - w) / 2).floor())
     return top, left, h, w
 
 
@@ -193,7 +193,8 @@ def resized_crop_flip(x, top, left, h, w, flip, size):
     """Crop each view to its box, resize to size x size (bilinear) and mirror where flip: one grid_sample."""
     n, _, height, width = x.shape
     # Output pixel centre u in [-1, 1] samples the source at left + (u + 1) / 2 * w (half-pixel centres,
-    # as F.interpolate with align_corners=False); padding "border" clamps like interpolate does.
+    # as F.interpolate with align_corners=False); clamping to the box's first and last pixel centres
+    # keeps the bilinear taps inside the box, as interpolate on the cropped image does.
     sx, sy = w / width, h / height
     theta = torch.zeros(n, 2, 3, device=x.device)
     theta[:, 0, 0] = torch.where(flip, -sx, sx)
@@ -201,7 +202,9 @@ def resized_crop_flip(x, top, left, h, w, flip, size):
     theta[:, 1, 1] = sy
     theta[:, 1, 2] = (2 * top + h) / height - 1
     grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], -1).view(n, 1, 1, 2)
+    hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], -1).view(n, 1, 1, 2)
+    return F.grid_sample(x, grid.clamp(lo, hi), mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def grayscale(x):

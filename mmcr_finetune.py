@@ -183,8 +183,8 @@ def sample_crops(n, height, width, scale, ratio, gen):
     fw = width if ratio[0] <= in_ratio <= ratio[1] else (width if in_ratio < ratio[0] else round(height * ratio[1]))
     fh = height if ratio[0] <= in_ratio <= ratio[1] else (round(width / ratio[0]) if in_ratio < ratio[0] else height)
     w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
-    top = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor(), ((height - h) / 2).round())
-    left = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor(), ((width - w) / 2).round())
+    top = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor(), ((width - w) / 2).floor())
     return top, left, h, w
 
 
@@ -248,6 +248,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone, self.fc, self.frozen = cifar_resnet18(), nn.Linear(512, num_classes), frozen
         self.backbone.requires_grad_(not frozen)
+        self.train()  # puts a frozen backbone in eval mode from the start
 
     def forward(self, x):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):

@@ -180,8 +180,8 @@ def sample_crops(n, height, width, scale, ratio, gen):
     fw = width if ratio[0] <= in_ratio <= ratio[1] else (width if in_ratio < ratio[0] else round(height * ratio[1]))
     fh = height if ratio[0] <= in_ratio <= ratio[1] else (round(width / ratio[0]) if in_ratio < ratio[0] else height)
     w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
-    top = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor(), ((height - h) / 2).round())
-    left = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor(), ((width - w) / 2).round())
+    top = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor(), ((width - w) / 2).floor())
     return top, left, h, w
 
 
