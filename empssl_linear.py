@@ -87,7 +87,7 @@ def load_embeddings(folder, embedding_dim):
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UserError(f"{path} is not readable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            raise UserError(f"{path} is not readable: corrupt, truncated or not written by torch.save ({type(e).__name__})")
         missing = [k for k in ("embeddings", "labels", "dim", "classes") if not isinstance(d, dict) or k not in d]
         if missing:
             raise UserError(f"{path} lacks the keys {missing} of an empssl_pretrain.py embeddings file")
@@ -149,7 +149,7 @@ def load_checkpoint(path, script):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise UserError(f"{path} is not a readable checkpoint: corrupt, truncated or not written by torch.save ({type(e).__name__})")
     if not isinstance(ckpt, dict) or "script" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by these scripts")
     if ckpt["script"] != script:

@@ -370,12 +370,29 @@ class LARS(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------- loss
 
 
+class Gather(torch.autograd.Function):
+    """all_gather along dim 0 with a backward that sums every rank's gradient and returns this rank's slice.
+
+    Every rank computes the same global loss from the gathered tensor, so the summed gradient is
+    world_size x the one-process gradient; DDP's average over ranks cancels that factor.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()  # the gradients of transposed uses arrive strided
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def gather(z):
     """Concatenate z over all DDP ranks along dim 0, with autograd (identity without DDP)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        import torch.distributed.nn.functional as dist_fn
-        return torch.cat(dist_fn.all_gather(z), 0)
-    return z
+    return Gather.apply(z) if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else z
 
 
 def total_coding_rate(z, eps=0.2):
@@ -442,7 +459,7 @@ def load_checkpoint(path, script):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise UserError(f"{path} is not a readable checkpoint: corrupt, truncated or not written by torch.save ({type(e).__name__})")
     if not isinstance(ckpt, dict) or "script" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by these scripts")
     if ckpt["script"] != script:

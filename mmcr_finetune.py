@@ -313,7 +313,7 @@ def load_checkpoint(path, script):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise UserError(f"{path} is not a readable checkpoint: corrupt, truncated or not written by torch.save ({type(e).__name__})")
     if not isinstance(ckpt, dict) or "script" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by these scripts")
     if ckpt["script"] != script:

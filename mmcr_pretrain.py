@@ -324,25 +324,43 @@ class MMCRModel(nn.Module):
 # ----------------------------------------------------------------------------- loss
 
 
+class Gather(torch.autograd.Function):
+    """all_gather along dim 0 with a backward that sums every rank's gradient and returns this rank's slice.
+
+    Every rank computes the same global loss from the gathered tensor, so the summed gradient is
+    world_size x the one-process gradient; DDP's average over ranks cancels that factor.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()  # the gradients of transposed uses arrive strided
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(z):
+    """Concatenate z over all DDP ranks along dim 0, with autograd (identity without DDP)."""
+    return Gather.apply(z) if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else z
+
+
 def mmcr_loss(z, lmbda=0.0):
     """MMCR loss of z (batch, views, dim): -||C||_* + lmbda * mean_b ||Z_b||_*, in float32.
 
     C stacks the per-image centroids of the L2-normalised views (Yerxa et al. 2023, eq. 3). Under DDP
-    the centroids are all-gathered with autograd, so the nuclear norm is over the global batch. Every
-    rank then computes the same global loss and the gather's backward sums the gradients of all ranks
-    into each rank's embeddings (world_size x the one-process gradient); DDP's average over ranks
-    cancels that factor, so the parameters get exactly the one-process gradient.
+    the centroids are all-gathered with autograd, so the nuclear norm is over the global batch.
     """
     with torch.autocast(z.device.type, enabled=False):
         z = F.normalize(z.float(), dim=-1)
-        centroids = z.mean(1)
-        local = torch.linalg.svdvals(z).sum(-1) if lmbda else None  # per-image nuclear norms
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            import torch.distributed.nn.functional as dist_fn
-            centroids = torch.cat(dist_fn.all_gather(centroids), 0)
-            local = torch.cat(dist_fn.all_gather(local), 0) if lmbda else None
-        loss = -torch.linalg.svdvals(centroids).sum()
-        return loss + lmbda * local.mean() if lmbda else loss
+        loss = -torch.linalg.svdvals(gather(z.mean(1))).sum()
+        if lmbda:  # the mean per-image nuclear norm, over the global batch too
+            loss = loss + lmbda * gather(torch.linalg.svdvals(z).sum(-1)).mean()
+        return loss
 
 
 # ----------------------------------------------------------------------------- eval
@@ -381,7 +399,7 @@ def load_checkpoint(path, script):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise UserError(f"{path} is not a readable checkpoint: corrupt, truncated or not written by torch.save ({type(e).__name__})")
     if not isinstance(ckpt, dict) or "script" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by these scripts")
     if ckpt["script"] != script:

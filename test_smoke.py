@@ -945,3 +945,6 @@ def test_shared_blocks_are_the_same_code(module):
     if module is not empssl_linear:
         for name in ("load_image_folder", "load_dataset", "sample_crops", "resized_crop_flip", "cifar_resnet18", "normalize"):
             assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(pretrain, name)), name
+    if module is empssl:
+        for name in ("augment", "adjust_hue", "gaussian_blur", "Gather", "gather", "grayscale"):
+            assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(pretrain, name)), name
