@@ -4,9 +4,9 @@ Measures, on whatever device is present, the MMCR training step (augmentation + 
 backward + Adam) and the batched on-device augmentation of mmcr_pretrain.py against the per-image
 torchvision.transforms.v2 pipeline of the reference implementation.
 
-    python bench.py                                   # CPU here: small shape, about a minute
+    python bench.py                                   # CPU: small shape (8 x 4 views), under a minute
     python bench.py --device cuda --compile           # GPU: the recipe's 64 images x 16 views
-    python bench.py --steps 50 --warmup 10 --batch-size 64 --num-views 16 --precision bf16
+    python bench.py --device cpu --steps 10 --warmup 2     # quicker, noisier
 
 New sections (an EMP-SSL step, a finetune step) are functions bench_xxx(args, device) -> list of rows,
 appended to BENCHES.
@@ -22,9 +22,8 @@ from torchvision.transforms import v2
 import mmcr_pretrain
 
 MEAN, STD = mmcr_pretrain.CIFAR_STATS["cifar10"]
-# The MMCR recipe's augmentation, exactly as mmcr_pretrain.main calls augment().
-AUG = dict(size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1),
-           p_jitter=0.8, p_gray=0.2, p_blur=0.1, p_solarize=0.2)
+# The MMCR recipe's augmentation, exactly as mmcr_pretrain.main calls augment(), at CIFAR size.
+AUG = dict(size=32, **mmcr_pretrain.AUGMENT)
 
 
 def timeit(fn, steps, warmup, device):
@@ -91,11 +90,12 @@ def bench_mmcr_step(args, device):
 
     reset_peak(device)
     t_step = timeit(step, args.steps, args.warmup, device)
-    mem = peak_memory(device)
-    t_aug = timeit(views, args.steps, args.warmup, device)
-    shape = f"{b} img x {v} views, {args.precision}{', compiled' if args.compile else ''}"
-    return [row("mmcr step (aug+fwd+bwd+adam)", b * v, t_step, mem, shape),
-            row("  augmentation alone", b * v, t_aug, "-", f"{100 * t_aug / t_step:.0f}% of the mmcr step")]
+    mem_step = peak_memory(device)
+    reset_peak(device)
+    t_aug = timeit(views, args.steps, args.warmup, device)  # the same views as one step, nothing else
+    shape = f"on {device.type}, {b} img x {v} views, {args.precision}{', compiled' if args.compile else ''}"
+    return [row("mmcr step (aug+fwd+bwd+adam)", b * v, t_step, mem_step, shape),
+            row("  augmentation alone", b * v, t_aug, peak_memory(device), f"{100 * t_aug / t_step:.1f}% of the mmcr step")]
 
 
 def bench_augment_batched(args, device):
@@ -105,7 +105,7 @@ def bench_augment_batched(args, device):
     reset_peak(device)
     t = timeit(lambda: mmcr_pretrain.augment(images, gen, MEAN, STD, **AUG), args.steps, args.warmup, device)
     return [row("augment batched (mmcr_pretrain)", args.aug_views, t, peak_memory(device),
-                f"{device.type}, {args.aug_views} views/call, {torch.get_num_threads()} threads")]
+                f"on {device.type}, {args.aug_views} views/call, {torch.get_num_threads()} threads")]
 
 
 def per_image_pipeline():
@@ -114,13 +114,14 @@ def per_image_pipeline():
     Solarize runs on the PIL image at threshold 128, before the float conversion: the reference
     solarizes PIL images (ImageOps.solarize, default threshold 128) before ToTensor.
     """
+    a = AUG  # the same numbers as the batched pipeline
     return v2.Compose([
-        v2.RandomResizedCrop(32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+        v2.RandomResizedCrop(a["size"], scale=a["scale"], ratio=a["ratio"]),
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 2.0))], p=0.1),
-        v2.RandomSolarize(128, p=0.2),
+        v2.RandomApply([v2.ColorJitter(*a["jitter"])], p=a["p_jitter"]),
+        v2.RandomGrayscale(p=a["p_gray"]),
+        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 2.0))], p=a["p_blur"]),
+        v2.RandomSolarize(128, p=a["p_solarize"]),
         v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(MEAN, STD),
     ])
@@ -135,11 +136,10 @@ def bench_augment_per_image(args, device):
     pil = [v2.functional.to_pil_image(x) for x in images]
     transform = per_image_pipeline()
     cpu = torch.device("cpu")
-    reset_peak(device)
     # A pass over all images is slow (about 1000x a single image), so fewer timed passes suffice.
     t = timeit(lambda: [transform(x) for x in pil], max(1, args.steps // 4), min(1, args.warmup), cpu)
     return [row("augment per-image (torchvision v2)", args.aug_views, t, peak_memory(cpu),
-                f"cpu, PIL, 1 process, {torch.get_num_threads()} threads")]
+                f"on cpu (as the reference), PIL, 1 process, {torch.get_num_threads()} threads")]
 
 
 BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image]
@@ -160,15 +160,15 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="images per MMCR step (default 64 on GPU, 8 on CPU)")
     p.add_argument("--num-views", type=int, help="views per image (default 16 on GPU, 4 on CPU)")
     p.add_argument("--aug-views", type=int, default=1024, help="views per call of the augmentation benchmarks")
-    p.add_argument("--steps", type=int, help="timed iterations (default 50 on GPU, 8 on CPU)")
-    p.add_argument("--warmup", type=int, help="untimed iterations first (default 10 on GPU, 2 on CPU)")
+    p.add_argument("--steps", type=int, default=100, help="timed iterations (the per-image pipeline, 1000x slower per call, does steps/4)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (default 10 on GPU, 5 on CPU)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is available")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     # CPU defaults are small so the whole run takes about a minute; GPU defaults are the recipe's shape.
-    for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("num_views", 16, 4), ("steps", 50, 8), ("warmup", 10, 2)):
+    for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("num_views", 16, 4), ("warmup", 10, 5)):
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
     if args.precision == "auto":
