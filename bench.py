@@ -1,8 +1,10 @@
 """Throughput benchmark on synthetic data, in the spirit of nanoGPT's bench.py: a plain script.
 
-Measures, on whatever device is present, the MMCR training step (augmentation + forward + loss +
-backward + Adam) and the batched on-device augmentation of mmcr_pretrain.py against the per-image
-torchvision.transforms.v2 pipeline of the reference implementation.
+Measures, on whatever device is present: the training steps of mmcr_pretrain.py (augmentation +
+forward + loss + backward + Adam), empssl_pretrain.py (the same with the coding rate and LARS) and
+mmcr_finetune.py (both types), with peak memory; the batched on-device augmentation against the
+per-image torchvision.transforms.v2 pipeline of the reference implementations; and the EMP-SSL total
+coding rate through the small side (m x m) against the direct d x d logdet.
 
     python bench.py                                   # CPU: small shape (8 x 4 views), under a minute
     python bench.py --device cuda --compile           # GPU: the recipe's 64 images x 16 views
@@ -19,6 +21,8 @@ import time
 import torch
 from torchvision.transforms import v2
 
+import empssl_pretrain
+import mmcr_finetune
 import mmcr_pretrain
 
 MEAN, STD = mmcr_pretrain.CIFAR_STATS["cifar10"]
@@ -89,10 +93,10 @@ def bench_mmcr_step(args, device):
         optimizer.zero_grad(set_to_none=True)
 
     reset_peak(device)
-    t_step = timeit(step, args.steps, args.warmup, device)
+    t_step = timeit(step, args.train_steps, args.warmup, device)
     mem_step = peak_memory(device)
     reset_peak(device)
-    t_aug = timeit(views, args.steps, args.warmup, device)  # the same views as one step, nothing else
+    t_aug = timeit(views, args.train_steps, args.warmup, device)  # the same views as one step, nothing else
     shape = f"on {device.type}, {b} img x {v} views, {args.precision}{', compiled' if args.compile else ''}"
     return [row("mmcr step (aug+fwd+bwd+adam)", b * v, t_step, mem_step, shape),
             row("  augmentation alone", b * v, t_aug, peak_memory(device), f"{100 * t_aug / t_step:.1f}% of the mmcr step")]
@@ -142,7 +146,92 @@ def bench_augment_per_image(args, device):
                 f"on cpu (as the reference), PIL, 1 process, {torch.get_num_threads()} threads")]
 
 
-BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image]
+def bench_empssl_step(args, device):
+    """One EMP-SSL training step as in empssl_pretrain.main (patches, 4096-d embedding, TCR + similarity, LARS)."""
+    b, p = args.empssl_batch_size, args.patches
+    gen = torch.Generator(device).manual_seed(0)
+    pool = torch.randint(0, 256, (max(1024, b), 3, 32, 32), dtype=torch.uint8, device=device)
+    model = empssl_pretrain.EMPSSLModel(4096, 1024).to(device).to(memory_format=torch.channels_last)
+    optimizer = empssl_pretrain.LARS(model.parameters(), lr=0.3, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    forward = torch.compile(model) if args.compile else model
+
+    def patches():
+        idx = torch.randint(len(pool), (b,), device=device, generator=gen)
+        return empssl_pretrain.augment(pool[idx].repeat_interleave(p, 0), gen, (0.5,) * 3, (0.5,) * 3, 32, **empssl_pretrain.AUGMENT)
+
+    def step():
+        with torch.autocast(device.type, dtype=ptdtype, enabled=args.precision != "fp32"):
+            z = forward(patches())[1].view(b, p, -1)
+        loss = -empssl_pretrain.total_coding_rate(z) - 200 * empssl_pretrain.patch_similarity(z)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak(device)
+    t_step = timeit(step, args.train_steps, args.warmup, device)
+    mem_step = peak_memory(device)
+    reset_peak(device)
+    t_aug = timeit(patches, args.train_steps, args.warmup, device)
+    shape = f"on {device.type}, {b} img x {p} patches, {args.precision}{', compiled' if args.compile else ''}"
+    return [row("empssl step (aug+fwd+bwd+lars)", b * p, t_step, mem_step, shape),
+            row("  patch augmentation alone", b * p, t_aug, peak_memory(device), f"{100 * t_aug / t_step:.1f}% of the empssl step")]
+
+
+def direct_tcr(z, eps=0.2):
+    """The coding rate as written, 1/2 logdet(I_d + d/(m eps) Z^T Z) on the d x d side: the baseline."""
+    z = torch.nn.functional.normalize(z.float(), dim=-1).transpose(0, 1)
+    m, d = z.shape[1], z.shape[2]
+    return 0.5 * torch.logdet(torch.eye(d, device=z.device) + d / (m * eps) * z.transpose(1, 2) @ z).mean()
+
+
+def bench_tcr(args, device):
+    """total_coding_rate (m x m Gram matrix, Cholesky) against the direct d x d logdet, at the recipe's shape."""
+    z = torch.randn(100, 20, 1024, device=device, generator=torch.Generator(device).manual_seed(0))
+    small, direct = empssl_pretrain.total_coding_rate(z), direct_tcr(z)
+    steps = max(1, args.train_steps // 2)
+    t_small = timeit(lambda: empssl_pretrain.total_coding_rate(z), steps, 1, device)
+    t_direct = timeit(lambda: direct_tcr(z), steps, 1, device)
+    note = f"100 x 20 patches x 1024-d; {t_direct / t_small:.1f}x faster than direct; values differ by {abs(small - direct).item():.1e}"
+    return [row("tcr small side (m x m)", 2000, t_small, peak_memory(device), note),
+            row("tcr direct (d x d)", 2000, t_direct, peak_memory(device), "logdet of 20 matrices 1024 x 1024")]
+
+
+def bench_finetune_step(args, device):
+    """One mmcr_finetune.py step (ssl crop + flip, classifier forward, cross-entropy, Adam) for both types."""
+    b = args.finetune_batch_size
+    gen = torch.Generator(device).manual_seed(0)
+    pool = torch.randint(0, 256, (max(1024, b), 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (b,), device=device)
+    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    rows = []
+    for finetune_type in ("linear", "backbone+linear"):
+        model = mmcr_finetune.Classifier(10, frozen=finetune_type == "linear").to(device).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=0.01)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        forward = torch.compile(model) if args.compile else model
+
+        def step():
+            idx = torch.randint(len(pool), (b,), device=device, generator=gen)
+            x = mmcr_finetune.augment(pool[idx], gen, MEAN, STD, "ssl")
+            with torch.autocast(device.type, dtype=ptdtype, enabled=args.precision != "fp32"):
+                logits = forward(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        reset_peak(device)
+        t = timeit(step, args.train_steps, args.warmup, device)
+        rows.append(row(f"finetune step ({finetune_type})", b, t, peak_memory(device),
+                        f"images/s; on {device.type}, batch {b}, {args.precision}{', compiled' if args.compile else ''}"))
+    return rows
+
+
+BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image, bench_empssl_step, bench_tcr, bench_finetune_step]
 
 
 class Parser(argparse.ArgumentParser):
@@ -162,20 +251,26 @@ def parse_args(argv=None):
     p.add_argument("--aug-views", type=int, default=1024, help="views per call of the augmentation benchmarks")
     p.add_argument("--steps", type=int, default=100, help="timed iterations (the per-image pipeline, 1000x slower per call, does steps/4)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 10 on GPU, 5 on CPU)")
+    p.add_argument("--train-steps", type=int, help="timed training steps (default 50 on GPU, 10 on CPU)")
+    p.add_argument("--empssl-batch-size", type=int, help="images per EMP-SSL step (default 100 on GPU, 4 on CPU)")
+    p.add_argument("--patches", type=int, help="patches per image in the EMP-SSL step (default 20 on GPU, 4 on CPU)")
+    p.add_argument("--finetune-batch-size", type=int, help="images per finetune step (default 1024 on GPU, 32 on CPU)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is available")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     # CPU defaults are small so the whole run takes about a minute; GPU defaults are the recipe's shape.
-    for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("num_views", 16, 4), ("warmup", 10, 5)):
+    for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("num_views", 16, 4), ("warmup", 10, 5), ("train_steps", 50, 10),
+                                 ("empssl_batch_size", 100, 4), ("patches", 20, 4), ("finetune_batch_size", 1024, 32)):
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
     if args.precision == "auto":
         args.precision = "fp32" if not gpu else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     for bad, message in ((args.batch_size < 1, "--batch-size must be positive"), (args.num_views < 2, "--num-views must be at least 2"),
                          (args.aug_views < 1, "--aug-views must be positive"), (args.steps < 1, "--steps must be positive"),
-                         (args.warmup < 0, "--warmup must be >= 0")):
+                         (args.warmup < 0, "--warmup must be >= 0"), (min(args.train_steps, args.finetune_batch_size) < 1, "--train-steps and --finetune-batch-size must be positive"),
+                         (args.empssl_batch_size < 2 or args.patches < 2, "--empssl-batch-size and --patches must be at least 2")):
         if bad:
             p.error(message)
     return args, device
