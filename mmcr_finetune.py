@@ -13,6 +13,7 @@ backbone and --augment none the features are computed once and the linear layer 
 Outputs in --output-dir: config.json, metrics.jsonl, last.pt (resumable), best.pt (best test top-1).
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -158,8 +159,11 @@ def load_dataset(cfg):
         if test_classes != classes:
             raise UserError(f"--dataset {cfg.dataset}: train has classes {classes[:5]}... ({len(classes)}), test has {test_classes[:5]}... ({len(test_classes)})")
         split = [(xtr, ytr), (xte, yte)]
-        x = xtr.float().div_(255)  # normalise an unknown dataset with its own training statistics
-        stats = (tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist()))
+        # normalise an unknown dataset with its own training statistics, in chunks (no float copy of it all)
+        n = xtr.shape[0] * xtr.shape[2] * xtr.shape[3]
+        m1 = sum(c.double().sum((0, 2, 3)) for c in xtr.split(4096)) / (255 * n)
+        m2 = sum(c.double().square().sum((0, 2, 3)) for c in xtr.split(4096)) / (255 ** 2 * n)
+        stats = (tuple(m1.tolist()), tuple((m2 - m1 ** 2).sqrt().tolist()))
     for i, limit in enumerate((cfg.limit_train, cfg.limit_test)):  # a fixed random subset keeps every class
         if 0 < limit < len(split[i][0]):
             keep = torch.randperm(len(split[i][0]), generator=torch.Generator().manual_seed(0))[:limit]
@@ -219,14 +223,20 @@ def augment(images, gen, mean, std, kind):
             top, left = (torch.randint(0, 9, (n,), device=dev, generator=gen).float() for _ in range(2))
             h = w = torch.full((n,), float(size), device=dev)
         x = resized_crop_flip(x, top, left, h, w, torch.rand(n, device=dev, generator=gen) < 0.5, size)
-    x = (x - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(1, 3, 1, 1)
-    return x.contiguous(memory_format=torch.channels_last)
+    return normalize(x, mean, std)
 
 
-def normalize(images, mean, std):
-    x = images.float().div_(255)
-    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return x.contiguous(memory_format=torch.channels_last)
+@functools.lru_cache(maxsize=None)
+def channel_stats(mean, std, device):
+    """mean and std as (1, 3, 1, 1) tensors on the device, made once: a host-to-device copy every step would stall the GPU queue."""
+    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+
+def normalize(x, mean, std):
+    """uint8 images or floats in [0, 1] -> standardised float views, channels_last."""
+    m, s = channel_stats(tuple(mean), tuple(std), x.device)
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x
+    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------- model

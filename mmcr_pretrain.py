@@ -14,6 +14,7 @@ augmented there in one batch, so the GPU, not PIL on CPU workers, sets the speed
 Outputs in --output-dir: config.json, metrics.jsonl, last.pt (resumable), best.pt (best kNN top-1).
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -154,8 +155,11 @@ def load_dataset(cfg):
         if test_classes != classes:
             raise UserError(f"--dataset {cfg.dataset}: train has classes {classes[:5]}... ({len(classes)}), test has {test_classes[:5]}... ({len(test_classes)})")
         split = [(xtr, ytr), (xte, yte)]
-        x = xtr.float().div_(255)  # normalise an unknown dataset with its own training statistics
-        stats = (tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist()))
+        # normalise an unknown dataset with its own training statistics, in chunks (no float copy of it all)
+        n = xtr.shape[0] * xtr.shape[2] * xtr.shape[3]
+        m1 = sum(c.double().sum((0, 2, 3)) for c in xtr.split(4096)) / (255 * n)
+        m2 = sum(c.double().square().sum((0, 2, 3)) for c in xtr.split(4096)) / (255 ** 2 * n)
+        stats = (tuple(m1.tolist()), tuple((m2 - m1 ** 2).sqrt().tolist()))
     for i, limit in enumerate((cfg.limit_train, cfg.limit_test)):  # a fixed random subset keeps every class
         if 0 < limit < len(split[i][0]):
             keep = torch.randperm(len(split[i][0]), generator=torch.Generator().manual_seed(0))[:limit]
@@ -237,7 +241,7 @@ def adjust_hue(x, hue):
     m = maxc[:, 0]
     h = torch.where(m == r, bc - gc, torch.where(m == g, 2.0 + rc - bc, 4.0 + gc - rc))
     h = torch.remainder(torch.fmod(h / 6.0 + 1.0, 1.0) + hue.view(-1, 1, 1), 1.0) * 6
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h[:, None], 6.0)
+    k = torch.remainder(torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + h[:, None], 6.0)
     return maxc - maxc * sat * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -282,17 +286,23 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
     x = torch.where(coin(p_gray).view(-1, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
     x = gaussian_blur(x, torch.where(coin(p_blur), u(0.1, 2.0), 1e-3))  # sigma 1e-3: side taps are exactly 0
     x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x), x)
-    x = (x - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(1, 3, 1, 1)
-    return x.contiguous(memory_format=torch.channels_last)
+    return normalize(x, mean, std)
 
 
 AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.1, p_solarize=0.2)
 
 
-def normalize(images, mean, std):
-    x = images.float().div_(255)
-    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return x.contiguous(memory_format=torch.channels_last)
+@functools.lru_cache(maxsize=None)
+def channel_stats(mean, std, device):
+    """mean and std as (1, 3, 1, 1) tensors on the device, made once: a host-to-device copy every step would stall the GPU queue."""
+    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+
+def normalize(x, mean, std):
+    """uint8 images or floats in [0, 1] -> standardised float views, channels_last."""
+    m, s = channel_stats(tuple(mean), tuple(std), x.device)
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x
+    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------- model
