@@ -821,6 +821,32 @@ EMPSSL_TINY = ["--train-patches", "4", "--valid-patches", "4", "--batch-size", "
                "--num-neighbours", "5", "--max-epochs", "2", "--device", "cpu"]
 
 
+def test_empssl_sigterm_then_resume_gives_the_uninterrupted_weights(image_folder, tmp_path):
+    common = ["--dataset", image_folder, "--data-dir", tmp_path / "data", *EMPSSL_TINY, "--max-epochs", 3]
+    reference = run_script(EMPSSL, [*common, "--output-dir", tmp_path / "ref"], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "run"
+    args = [*common, "--output-dir", out, "--resume", "auto"]
+    proc = subprocess.Popen([sys.executable, EMPSSL, *map(str, args)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: metrics_lines(out / "metrics.jsonl") >= 1, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
+    assert load(out / "last.pt")["step"] < 3 * STEPS_PER_EPOCH
+    resumed = run_script(EMPSSL, args, cwd=tmp_path)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    final, ref = load(out / "last.pt"), load(tmp_path / "ref" / "last.pt")
+    assert all(torch.equal(final["model"][k], v) for k, v in ref["model"].items())
+    assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"])  # the LARS state resumes too
+               for a, b in zip(final["optimizer"]["state"].values(), ref["optimizer"]["state"].values()))
+    emb, ref_emb = load(out / "embeddings" / "test.pt"), load(tmp_path / "ref" / "embeddings" / "test.pt")
+    assert torch.equal(emb["embeddings"], ref_emb["embeddings"])
+
+
 def _ddp_tcr_worker(rank, world, init_file, z_file, out_dir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
