@@ -94,6 +94,8 @@ def load_embeddings(folder, embedding_dim):
         x, y = d["embeddings"], d["labels"]
         if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim == 2 and y.ndim == 1 and len(x) == len(y) and x.shape[1] == d["dim"]):
             raise UserError(f"{path}: embeddings {tuple(getattr(x, 'shape', ()))} and labels {tuple(getattr(y, 'shape', ()))} do not fit dim {d['dim']}")
+        if len(x) == 0 or y.is_floating_point() or y.is_complex() or not x.is_floating_point() or not torch.isfinite(x).all():
+            raise UserError(f"{path}: needs at least one embedding, finite float embeddings and integer labels")
         if y.numel() and (y.min() < 0 or y.max() >= len(d["classes"])):
             raise UserError(f"{path}: labels range over {y.min().item()}..{y.max().item()}, outside the {len(d['classes'])} classes")
         splits[name] = (x, y.long(), list(d["classes"]))
@@ -150,7 +152,7 @@ def load_checkpoint(path, script):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint: corrupt, truncated or not written by torch.save ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or "script" not in ckpt:
+    if not isinstance(ckpt, dict) or not {"script", "model", "config", "step"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint written by these scripts")
     if ckpt["script"] != script:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py")
@@ -177,7 +179,7 @@ def check_config(cfg):
 def main(cfg):
     check_config(cfg)
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    precision = cfg.precision if cfg.precision != "auto" else ("fp32" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    precision = cfg.precision if cfg.precision != "auto" else ("fp32" if device.type == "cpu" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
     ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=precision != "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -204,7 +206,10 @@ def main(cfg):
         except RuntimeError as e:
             raise UserError(f"{resume} does not fit these embeddings: {str(e).splitlines()[-1].strip()[:200]}")
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        for group in optimizer.param_groups:  # the command line, not the checkpoint, sets the recipe
+            group["weight_decay"] = cfg.weight_decay
+        if scaler.is_enabled() and ckpt["scaler"]:  # fp16 both then and now
+            scaler.load_state_dict(ckpt["scaler"])
         start_step, best = ckpt["step"], ckpt["best"]
         print(f"resumed from {resume} at step {start_step} (epoch {start_step / steps_per_epoch:.2f})")
 
@@ -250,11 +255,9 @@ def main(cfg):
 
         if (step + 1) % cfg.log_every == 0:  # the only host sync inside an epoch
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-        if stop:
+        stopping = bool(stop)
+        if stopping and i + 1 < steps_per_epoch:  # at an epoch's last step the epoch end below evaluates and saves first
             atomic_save(checkpoint(step + 1), os.path.join(cfg.output_dir, "last.pt"))
-            bar.close()
-            print(f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} at step {step + 1}; continue with --resume auto --output-dir {cfg.output_dir}", file=sys.stderr)
-            sys.exit(128 + stop[0])
 
         if i + 1 == steps_per_epoch:  # end of epoch: test, metrics, checkpoints
             bar.close()
@@ -271,6 +274,10 @@ def main(cfg):
                 f.write(json.dumps(stats) + "\n")
             print(f"epoch {epoch + 1}/{cfg.max_epochs} train loss {stats['train_loss']:.4f} lr {lr:.2e} test loss {test_loss:.4f} "
                   f"top1 {top1:.2f} top5 {top5:.2f} {stats['epoch_seconds']:.2f}s", flush=True)
+        if stopping:  # Ctrl-C / SIGTERM: last.pt holds this step
+            bar.close()
+            print(f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} at step {step + 1}; continue with --resume auto --output-dir {cfg.output_dir}", file=sys.stderr)
+            sys.exit(128 + stop[0])
     print(f"done: best top1 {best['top1']:.2f} top5 {best['top5']:.2f} (epoch {best['epoch']}), last top1 {top1:.2f} top5 {top5:.2f} "
           f"in {time.time() - t_start:.1f}s; checkpoints in {cfg.output_dir}")
 
@@ -279,6 +286,6 @@ if __name__ == "__main__":
     cfg = parse_config()
     try:
         main(cfg)
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: an unwritable --output-dir or --data-dir, a full disk
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,7 @@ backbone and --augment none the features are computed once and the linear layer 
 Outputs in --output-dir: config.json, metrics.jsonl, last.pt (resumable), best.pt (best test top-1).
 """
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -30,10 +31,6 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-
-from knn import knn_accuracy
-
-SCRIPT, RUNS = "mmcr_pretrain", "runs/mmcr"  # checkpoints name the script that wrote them
 
 from knn import knn_accuracy
 
@@ -112,6 +109,10 @@ def load_image_folder(root, image_size, cache_dir):
                     labels.append(label)
     if not files:
         raise UserError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
+    present = set(labels)
+    empty = [c for i, c in enumerate(classes) if i not in present]
+    if empty:  # as torchvision's ImageFolder: a class without images is an error, not a silent extra output
+        raise UserError(f"no images in the class folders {[os.path.join(root, c) for c in empty][:5]}")
     key = hashlib.sha1(repr((os.path.abspath(root), image_size, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir, f"imagefolder-{key}.pt")
     if os.path.exists(cache):
@@ -324,7 +325,7 @@ def load_checkpoint(path, script):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint: corrupt, truncated or not written by torch.save ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or "script" not in ckpt:
+    if not isinstance(ckpt, dict) or not {"script", "model", "config", "step"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint written by these scripts")
     if ckpt["script"] != script:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py")
@@ -357,7 +358,8 @@ def main(cfg):
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
     if ddp:
         use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # rank 0 evaluates (and decodes a new ImageFolder) while the others wait: allow that more than 10 minutes
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
         rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
         if use_cuda:
@@ -368,7 +370,7 @@ def main(cfg):
     master = rank == 0
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    precision = cfg.precision if cfg.precision != "auto" else ("fp32" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    precision = cfg.precision if cfg.precision != "auto" else ("fp32" if device.type == "cpu" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
     ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=precision != "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -405,7 +407,7 @@ def main(cfg):
     model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in pretrained["model"].items() if k.startswith("backbone.")})
     groups = [{"params": model.fc.parameters(), "lr_scale": 1.0}]
     groups += [] if frozen else [{"params": model.backbone.parameters(), "lr_scale": cfg.backbone_lr_scale}]
-    optimizer = torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gen = torch.Generator(device)
     start_step, best, aug_states = 0, {"top1": -1.0, "top5": -1.0, "epoch": 0}, None
@@ -417,7 +419,10 @@ def main(cfg):
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError) as e:
             raise UserError(f"{resume} does not fit this run (another --finetune-type or dataset?): {str(e).splitlines()[-1].strip()[:200]}")
-        scaler.load_state_dict(ckpt["scaler"])
+        for group, fresh in zip(optimizer.param_groups, groups):  # the command line, not the checkpoint, sets the recipe
+            group["weight_decay"], group["lr_scale"] = cfg.weight_decay, fresh["lr_scale"]
+        if scaler.is_enabled() and ckpt["scaler"]:  # fp16 both then and now
+            scaler.load_state_dict(ckpt["scaler"])
         start_step, best, aug_states = ckpt["step"], ckpt["best"], ckpt["aug_rng"]
         if master:
             print(f"resumed from {resume} at step {start_step} (epoch {start_step / steps_per_epoch:.2f})")
@@ -468,7 +473,8 @@ def main(cfg):
         epoch, i = divmod(step, steps_per_epoch)
         if i == 0 or step == start_step:  # the epoch's order is a pure function of (seed, epoch): resumable
             perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).to(device)
-            if aug_states is not None and step == start_step and i != 0 and len(aug_states) == world:
+            if (aug_states is not None and step == start_step and i != 0 and len(aug_states) == world
+                    and aug_states[rank].numel() == gen.get_state().numel()):  # saved on the same kind of device
                 gen.set_state(aug_states[rank])  # exact mid-epoch resume
             else:
                 gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
@@ -491,22 +497,17 @@ def main(cfg):
         steps_done += 1
         bar.update()
 
+        stopping = bool(stop) and not ddp
         if (step + 1) % cfg.log_every == 0:  # the only host sync inside an epoch
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{steps_done * cfg.batch_size / (time.time() - t_epoch):.0f}")
-            if ddp:  # every rank must agree to stop at the same step
+            if ddp:  # every rank must agree to stop at the same step: decide on the reduced flag only
                 flag = torch.tensor(float(len(stop)), device=device)
                 dist.all_reduce(flag)
-                if flag.item() > 0 and not stop:
-                    stop.append(signal.SIGTERM)
-        if stop and (not ddp or (step + 1) % cfg.log_every == 0):
+                stopping = flag.item() > 0
+        if stopping and i + 1 < steps_per_epoch:  # at an epoch's last step the epoch end below evaluates and saves first
             ckpt = checkpoint(step + 1)  # a collective under DDP: every rank takes part
-            bar.close()
             if master:
                 atomic_save(ckpt, os.path.join(cfg.output_dir, "last.pt"))
-                print(f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} at step {step + 1}; continue with --resume auto --output-dir {cfg.output_dir}", file=sys.stderr)
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(128 + stop[0])
 
         if i + 1 == steps_per_epoch:  # end of epoch: test, metrics, checkpoints
             bar.close()
@@ -533,6 +534,13 @@ def main(cfg):
                 test = f"test loss {stats['test_loss']:.4f} top1 {stats['top1']:.2f} top5 {stats['top5']:.2f}" if stats["top1"] is not None else "test -"
                 print(f"epoch {epoch + 1}/{cfg.max_epochs} step {step + 1} train loss {stats['train_loss']:.4f} lr {lr:.2e} {test} "
                       f"{seconds:.1f}s {stats['images_per_second']:.0f} images/s", flush=True)
+        if stopping:  # Ctrl-C / SIGTERM: last.pt holds this step
+            bar.close()
+            if master:
+                print(f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} at step {step + 1}; continue with --resume auto --output-dir {cfg.output_dir}", file=sys.stderr)
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(128 + (stop[0] if stop else signal.SIGTERM))
     if master:
         print(f"done: best top1 {best['top1']:.2f} top5 {best['top5']:.2f} (epoch {best['epoch']}) "
               f"in {time.time() - t_start:.1f}s; checkpoints in {cfg.output_dir}")
@@ -544,6 +552,6 @@ if __name__ == "__main__":
     cfg = parse_config()
     try:
         main(cfg)
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: an unwritable --output-dir or --data-dir, a full disk
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -606,6 +607,13 @@ def bad_input_case(name, image_folder, tmp_path):
     if name == "resume foreign checkpoint":
         torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
         return [*folder, "--resume", tmp_path / "foreign.pt"], "not a checkpoint written by these scripts"
+    if name == "empty class folder":
+        root = make_image_folder(tmp_path / "holes", 2, 1)
+        os.makedirs(tmp_path / "holes" / "train" / "zebra")
+        return ["--dataset", root, "--batch-size", "2"], "zebra"
+    if name == "output dir is a file":
+        (tmp_path / "run").write_text("a file where the run folder should go")
+        return folder, "File exists"
     if name == "cifar10 offline":
         os.makedirs(tmp_path / "empty_data")
         return ["--dataset", "cifar10", "--data-dir", tmp_path / "empty_data"], "offline"
@@ -613,7 +621,8 @@ def bad_input_case(name, image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["missing dataset", "no images", "corrupt image", "one view", "batch larger than training set",
-                                  "resume missing checkpoint", "resume corrupt checkpoint", "resume foreign checkpoint", "cifar10 offline"])
+                                  "resume missing checkpoint", "resume corrupt checkpoint", "resume foreign checkpoint", "cifar10 offline",
+                                  "empty class folder", "output dir is a file"])
 def test_bad_input_one_line_exit_2(name, image_folder, tmp_path):
     args, must_contain = bad_input_case(name, image_folder, tmp_path)
     if "--data-dir" not in args:
@@ -624,9 +633,22 @@ def test_bad_input_one_line_exit_2(name, image_folder, tmp_path):
     assert "Traceback" not in proc.stderr
     assert len(lines) == 1, lines
     assert lines[0].startswith("mmcr_pretrain.py: error: ") and must_contain in lines[0], lines[0]
-    assert not os.path.exists(tmp_path / "run" / "last.pt")
+    assert not os.path.isdir(tmp_path / "run") or not os.path.exists(tmp_path / "run" / "last.pt")
     if name == "cifar10 offline":
         assert "https://www.cs.toronto.edu/~kriz/cifar.html" in lines[0] and "ImageFolder" in lines[0]
+
+
+def test_resume_takes_the_command_lines_recipe(trained_run, image_folder, tmp_path):
+    """A resumed run follows its own flags: --max-epochs extends a finished run, --weight-decay replaces the saved one."""
+    _, uninterrupted, data_dir = trained_run
+    os.makedirs(tmp_path / "run")
+    shutil.copy(os.path.join(uninterrupted, "last.pt"), tmp_path / "run" / "last.pt")
+    proc = run(["--dataset", image_folder, "--data-dir", data_dir, "--output-dir", tmp_path / "run", "--resume", "auto", *TINY,
+                "--max-epochs", 3, "--weight-decay", 0.5], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = load(tmp_path / "run" / "last.pt")
+    assert last["step"] == 3 * STEPS_PER_EPOCH and [m["epoch"] for m in read_metrics(tmp_path / "run")] == [3]
+    assert [g["weight_decay"] for g in last["optimizer"]["param_groups"]] == [0.5]
 
 
 # ============================================================================= mmcr_finetune.py
@@ -671,7 +693,6 @@ def test_finetune_linear_probe_learns(trained_run, image_folder, tmp_path):
     a linear probe that really trains reaches 100% (on cached features, --augment none)."""
     _, pretrained, _ = trained_run
     root = tmp_path / "same"
-    import shutil
     shutil.copytree(os.path.join(image_folder, "train"), root / "train")
     shutil.copytree(os.path.join(image_folder, "train"), root / "test")
     out = tmp_path / "ft"
@@ -725,7 +746,6 @@ def finetune_bad_input(name, trained_run, image_folder, tmp_path):
         return ["--checkpoint", tmp_path / "empssl.pt"], "empssl_pretrain.py, not mmcr_pretrain.py"
     if name == "class count":
         two = make_image_folder(tmp_path / "two", 3, 2)
-        import shutil
         for split in ("train", "test"):
             shutil.rmtree(os.path.join(two, split, CLASSES[2]))
         return ["--checkpoint", ckpt, "--dataset", two], "3 classes"
@@ -947,12 +967,15 @@ def linear_bad_input(name, tmp_path):
         return write_embeddings(tmp_path / "e", x, y, torch.randn(12, 6), y, classes), [], "dim 8, test embeddings 6"
     if name == "labels out of range":
         return write_embeddings(tmp_path / "e", x, y + 1, x, y, classes), [], "outside the 3 classes"
+    if name == "empty train set":
+        return write_embeddings(tmp_path / "e", x[:0], y[:0], x, y, classes), [], "at least one embedding"
     if name == "embedding dim flag":
         return write_embeddings(tmp_path / "e", x, y, x, y, classes), ["--embedding-dim", 16], "disagrees"
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", ["missing directory", "missing test.pt", "wrong keys", "dims differ", "labels out of range", "embedding dim flag"])
+@pytest.mark.parametrize("name", ["missing directory", "missing test.pt", "wrong keys", "dims differ", "labels out of range", "embedding dim flag",
+                                  "empty train set"])
 def test_linear_bad_input_one_line_exit_2(name, tmp_path):
     folder, extra, expected = linear_bad_input(name, tmp_path)
     proc = run_script(LINEAR, ["--dataset", folder, "--output-dir", tmp_path / "out", "--device", "cpu", *extra], cwd=tmp_path)
