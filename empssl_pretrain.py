@@ -435,18 +435,29 @@ def patch_similarity(z):
 # ----------------------------------------------------------------------------- eval
 
 @torch.no_grad()
-def bag_of_features(model, images, gen, mean, std, size, patches, autocast, views_per_chunk=8192):
+def bag_of_features(model, images, gen, mean, std, size, patches, autocast, progress=True, views_per_chunk=8192):
     """(N, hidden_dim) mean embedding h of `patches` augmented patches of every image, in eval mode, chunked."""
     was_training = model.training
     model.eval()
     chunk, out = max(1, views_per_chunk // patches), []
-    for i in tqdm(range(0, len(images), chunk), desc=f"bag of features ({patches} patches)", leave=False, mininterval=1):
+    for i in tqdm(range(0, len(images), chunk), desc=f"bag of features ({patches} patches)", leave=False, mininterval=1, disable=not progress):
         x = augment(images[i:i + chunk].repeat_interleave(patches, 0), gen, mean, std, size, **AUGMENT)
         with autocast:
             h = model.pre_feature(model.backbone(x))  # the projector is not needed here
         out.append(h.float().view(-1, patches, h.shape[-1]).mean(1))
     model.train(was_training)
     return torch.cat(out)
+
+
+def gather_rows(x, n):
+    """Under DDP each rank holds rows rank::world of an n-row result: all n rows, in order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    world = dist.get_world_size()
+    x = F.pad(x, (0, 0, 0, -(-n // world) - len(x)))  # equal sizes for all_gather
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.stack(parts, 1).flatten(0, 1)[:n]  # row j of rank r is row j * world + r
 
 
 # ----------------------------------------------------------------------------- train
@@ -639,9 +650,11 @@ def main(cfg):
             stats = {"epoch": epoch + 1, "step": step + 1, "loss": loss_sum.item() / steps_done, "lr": lr, "knn_top1": None, "knn_top5": None,
                      "epoch_seconds": round(seconds, 3), "views_per_second": round(steps_done * cfg.batch_size * views_per_image / seconds, 1)}
             if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs:
-                if master:  # the other ranks wait: 128 patches of 60k images take a minute or two on one GPU
-                    eval_gen = torch.Generator(device).manual_seed(cfg.seed)  # the same patches at every evaluation
-                    ftr, fte = (bag_of_features(raw_model, x, eval_gen, mean, std, cfg.image_size, cfg.valid_patches, autocast) for x in (xtr, xte))
+                # every rank embeds its share of the images (rows rank::world), then all rows are gathered
+                eval_gen = torch.Generator(device).manual_seed(cfg.seed * 100003 + rank)  # the same patches at every evaluation
+                ftr, fte = (gather_rows(bag_of_features(raw_model, x[rank::world], eval_gen, mean, std, cfg.image_size, cfg.valid_patches,
+                                                        autocast, progress=master), len(x)) for x in (xtr, xte))
+                if master:
                     stats["knn_top1"], stats["knn_top5"] = knn_accuracy(ftr, ytr, fte, yte, cfg.num_neighbours, cfg.temperature, len(classes))
                     os.makedirs(os.path.join(cfg.output_dir, "embeddings"), exist_ok=True)
                     for name, f, y in (("train", ftr, ytr), ("test", fte, yte)):

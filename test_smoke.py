@@ -891,6 +891,33 @@ def test_ddp_tcr_equals_single_process_tcr(tmp_path):
         assert torch.allclose(r["grad"] / 2, single.grad.chunk(2)[rank], atol=1e-5)
 
 
+def _gather_rows_worker(rank, world, init_file, n, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    rows = torch.arange(n, dtype=torch.float32).view(-1, 1).repeat(1, 3)[rank::world]  # this rank's share
+    torch.save(empssl.gather_rows(rows, n), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n", [7, 8])  # uneven shares are padded, then cut
+def test_gather_rows_puts_every_row_back_in_order(tmp_path, n):
+    mp.spawn(_gather_rows_worker, args=(2, str(tmp_path / "init"), n, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt")[:, 0], torch.arange(n, dtype=torch.float32))
+
+
+def test_empssl_torchrun_two_cpu_processes(image_folder, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", EMPSSL,
+                           *map(str, ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir", out, *EMPSSL_TINY,
+                                      "--max-epochs", 1])], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(re.findall(r"^epoch 1/1 step \d+ loss \S+ lr \S+ knn top1", proc.stdout, re.M)) == 1  # printed by rank 0 only
+    for split, n in (("train", 3 * TRAIN_PER_CLASS), ("test", 3 * TEST_PER_CLASS)):  # every image, gathered from both ranks
+        d = load(out / "embeddings" / f"{split}.pt")
+        assert d["embeddings"].shape == (n, 64) and torch.isfinite(d["embeddings"].float()).all()
+
+
 @pytest.mark.parametrize("name", ["one patch", "missing dataset", "MMCR checkpoint"])
 def test_empssl_bad_input_one_line_exit_2(name, trained_run, image_folder, tmp_path):
     args = ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "out", *EMPSSL_TINY]
