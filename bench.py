@@ -67,39 +67,50 @@ def row(name, views, seconds, memory, notes):
     return dict(name=name, views_s=views / seconds, ms=seconds * 1000, memory=memory, notes=notes)
 
 
+def train_step(model, optimizer, args, device, inputs, loss_fn):
+    """A step as in the scripts' loops: inputs() -> autocast forward -> float32 loss -> (scaled) backward -> update."""
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    forward = torch.compile(model) if args.compile else model
+
+    def step():
+        x = inputs()
+        with torch.autocast(device.type, dtype=ptdtype, enabled=args.precision != "fp32"):
+            out = forward(x)
+        loss = loss_fn(out)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def step_rows(name, step, inputs, views, args, device, shape):
+    """Rows for a training step and for its augmentation alone (the same views, nothing else)."""
+    reset_peak(device)
+    t_step = timeit(step, args.train_steps, args.warmup, device)
+    mem_step = peak_memory(device)
+    reset_peak(device)
+    t_aug = timeit(inputs, args.train_steps, args.warmup, device)
+    shape = f"on {device.type}, {shape}, {args.precision}{', compiled' if args.compile else ''}"
+    return [row(name, views, t_step, mem_step, shape),
+            row("  augmentation alone", views, t_aug, peak_memory(device), f"{100 * t_aug / t_step:.1f}% of the step")]
+
+
 def bench_mmcr_step(args, device):
     """One MMCR training step as in mmcr_pretrain.main, and augmentation alone for the same views."""
     b, v = args.batch_size, args.num_views
     gen = torch.Generator(device).manual_seed(0)
     pool = torch.randint(0, 256, (max(1024, b), 3, 32, 32), dtype=torch.uint8, device=device)  # stands in for the dataset
     model = mmcr_pretrain.MMCRModel(128).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-6)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    forward = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-6, fused=device.type == "cuda")
 
     def views():
         idx = torch.randint(len(pool), (b,), device=device, generator=gen)
         return mmcr_pretrain.augment(pool[idx].repeat_interleave(v, 0), gen, MEAN, STD, **AUG)
 
-    def step():
-        x = views()
-        with torch.autocast(device.type, dtype=ptdtype, enabled=args.precision != "fp32"):
-            z = forward(x)
-        loss = mmcr_pretrain.mmcr_loss(z.view(b, v, -1))
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    reset_peak(device)
-    t_step = timeit(step, args.train_steps, args.warmup, device)
-    mem_step = peak_memory(device)
-    reset_peak(device)
-    t_aug = timeit(views, args.train_steps, args.warmup, device)  # the same views as one step, nothing else
-    shape = f"on {device.type}, {b} img x {v} views, {args.precision}{', compiled' if args.compile else ''}"
-    return [row("mmcr step (aug+fwd+bwd+adam)", b * v, t_step, mem_step, shape),
-            row("  augmentation alone", b * v, t_aug, peak_memory(device), f"{100 * t_aug / t_step:.1f}% of the mmcr step")]
+    step = train_step(model, optimizer, args, device, views, lambda z: mmcr_pretrain.mmcr_loss(z.view(b, v, -1)))
+    return step_rows("mmcr step (aug+fwd+bwd+adam)", step, views, b * v, args, device, f"{b} img x {v} views")
 
 
 def bench_augment_batched(args, device):
@@ -153,31 +164,17 @@ def bench_empssl_step(args, device):
     pool = torch.randint(0, 256, (max(1024, b), 3, 32, 32), dtype=torch.uint8, device=device)
     model = empssl_pretrain.EMPSSLModel(4096, 1024).to(device).to(memory_format=torch.channels_last)
     optimizer = empssl_pretrain.LARS(model.parameters(), lr=0.3, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-    forward = torch.compile(model) if args.compile else model
 
     def patches():
         idx = torch.randint(len(pool), (b,), device=device, generator=gen)
         return empssl_pretrain.augment(pool[idx].repeat_interleave(p, 0), gen, (0.5,) * 3, (0.5,) * 3, 32, **empssl_pretrain.AUGMENT)
 
-    def step():
-        with torch.autocast(device.type, dtype=ptdtype, enabled=args.precision != "fp32"):
-            z = forward(patches())[1].view(b, p, -1)
-        loss = -empssl_pretrain.total_coding_rate(z) - 200 * empssl_pretrain.patch_similarity(z)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    def loss_fn(out):
+        z = out[1].view(b, p, -1)
+        return -empssl_pretrain.total_coding_rate(z) - 200 * empssl_pretrain.patch_similarity(z)
 
-    reset_peak(device)
-    t_step = timeit(step, args.train_steps, args.warmup, device)
-    mem_step = peak_memory(device)
-    reset_peak(device)
-    t_aug = timeit(patches, args.train_steps, args.warmup, device)
-    shape = f"on {device.type}, {b} img x {p} patches, {args.precision}{', compiled' if args.compile else ''}"
-    return [row("empssl step (aug+fwd+bwd+lars)", b * p, t_step, mem_step, shape),
-            row("  patch augmentation alone", b * p, t_aug, peak_memory(device), f"{100 * t_aug / t_step:.1f}% of the empssl step")]
+    step = train_step(model, optimizer, args, device, patches, loss_fn)
+    return step_rows("empssl step (aug+fwd+bwd+lars)", step, patches, b * p, args, device, f"{b} img x {p} patches")
 
 
 def direct_tcr(z, eps=0.2):
@@ -205,29 +202,16 @@ def bench_finetune_step(args, device):
     gen = torch.Generator(device).manual_seed(0)
     pool = torch.randint(0, 256, (max(1024, b), 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (b,), device=device)
-    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+
+    def images():
+        return mmcr_finetune.augment(pool[torch.randint(len(pool), (b,), device=device, generator=gen)], gen, MEAN, STD, "ssl")
+
     rows = []
     for finetune_type in ("linear", "backbone+linear"):
         model = mmcr_finetune.Classifier(10, frozen=finetune_type == "linear").to(device).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=0.01)
-        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-        forward = torch.compile(model) if args.compile else model
-
-        def step():
-            idx = torch.randint(len(pool), (b,), device=device, generator=gen)
-            x = mmcr_finetune.augment(pool[idx], gen, MEAN, STD, "ssl")
-            with torch.autocast(device.type, dtype=ptdtype, enabled=args.precision != "fp32"):
-                logits = forward(x)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-        reset_peak(device)
-        t = timeit(step, args.train_steps, args.warmup, device)
-        rows.append(row(f"finetune step ({finetune_type})", b, t, peak_memory(device),
-                        f"images/s; on {device.type}, batch {b}, {args.precision}{', compiled' if args.compile else ''}"))
+        optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=0.01, fused=device.type == "cuda")
+        step = train_step(model, optimizer, args, device, images, lambda logits: torch.nn.functional.cross_entropy(logits.float(), labels))
+        rows += step_rows(f"finetune step ({finetune_type})", step, images, b, args, device, f"images/s, batch {b}")[:1]
     # --finetune-type linear --augment none: the linear layer alone on cached 512-d features
     features = torch.randn(len(pool), 512, device=device)
     fc = torch.nn.Linear(512, 10).to(device)

@@ -707,15 +707,14 @@ def test_finetune_linear_probe_learns(trained_run, image_folder, tmp_path):
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] / 3
 
 
-def test_finetune_sigterm_then_resume_gives_the_uninterrupted_weights(trained_run, image_folder, tmp_path):
-    _, pretrained, data_dir = trained_run
-    common = ["--checkpoint", os.path.join(pretrained, "best.pt"), "--data-dir", data_dir, "--finetune-type", "backbone+linear",
-              "--batch-size", 8, "--max-epochs", 3, "--num-neighbours", 5, "--device", "cpu"]
-    reference = run_script(FINETUNE, [*common, "--output-dir", tmp_path / "ref"], cwd=tmp_path)
+def reference_and_resumed(script, common, tmp_path, steps):
+    """Run `common` uninterrupted into ref/; run it again into run/, SIGTERM it once epoch 1 is written,
+    resume with --resume auto. Returns (final last.pt, reference last.pt) for the caller to compare."""
+    reference = run_script(script, [*common, "--output-dir", tmp_path / "ref"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     out = tmp_path / "run"
     args = [*common, "--output-dir", out, "--resume", "auto"]
-    proc = subprocess.Popen([sys.executable, FINETUNE, *map(str, args)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, script, *map(str, args)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: metrics_lines(out / "metrics.jsonl") >= 1, proc)
@@ -724,11 +723,18 @@ def test_finetune_sigterm_then_resume_gives_the_uninterrupted_weights(trained_ru
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
-    assert load(out / "last.pt")["step"] < 3 * STEPS_PER_EPOCH
-    resumed = run_script(FINETUNE, args, cwd=tmp_path)
+    assert load(out / "last.pt")["step"] < steps
+    resumed = run_script(script, args, cwd=tmp_path)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
-    final, ref = load(out / "last.pt")["model"], load(tmp_path / "ref" / "last.pt")["model"]
-    assert all(torch.equal(final[k], ref[k]) for k in ref)
+    return load(out / "last.pt"), load(tmp_path / "ref" / "last.pt")
+
+
+def test_finetune_sigterm_then_resume_gives_the_uninterrupted_weights(trained_run, image_folder, tmp_path):
+    _, pretrained, data_dir = trained_run
+    common = ["--checkpoint", os.path.join(pretrained, "best.pt"), "--data-dir", data_dir, "--finetune-type", "backbone+linear",
+              "--batch-size", 8, "--max-epochs", 3, "--num-neighbours", 5, "--device", "cpu"]
+    final, ref = reference_and_resumed(FINETUNE, common, tmp_path, 3 * STEPS_PER_EPOCH)
+    assert all(torch.equal(final["model"][k], v) for k, v in ref["model"].items())
 
 
 def finetune_bad_input(name, trained_run, image_folder, tmp_path):
@@ -843,27 +849,11 @@ EMPSSL_TINY = ["--train-patches", "4", "--valid-patches", "4", "--batch-size", "
 
 def test_empssl_sigterm_then_resume_gives_the_uninterrupted_weights(image_folder, tmp_path):
     common = ["--dataset", image_folder, "--data-dir", tmp_path / "data", *EMPSSL_TINY, "--max-epochs", 3]
-    reference = run_script(EMPSSL, [*common, "--output-dir", tmp_path / "ref"], cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    out = tmp_path / "run"
-    args = [*common, "--output-dir", out, "--resume", "auto"]
-    proc = subprocess.Popen([sys.executable, EMPSSL, *map(str, args)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: metrics_lines(out / "metrics.jsonl") >= 1, proc)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
-    assert load(out / "last.pt")["step"] < 3 * STEPS_PER_EPOCH
-    resumed = run_script(EMPSSL, args, cwd=tmp_path)
-    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
-    final, ref = load(out / "last.pt"), load(tmp_path / "ref" / "last.pt")
+    final, ref = reference_and_resumed(EMPSSL, common, tmp_path, 3 * STEPS_PER_EPOCH)
     assert all(torch.equal(final["model"][k], v) for k, v in ref["model"].items())
     assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"])  # the LARS state resumes too
                for a, b in zip(final["optimizer"]["state"].values(), ref["optimizer"]["state"].values()))
-    emb, ref_emb = load(out / "embeddings" / "test.pt"), load(tmp_path / "ref" / "embeddings" / "test.pt")
+    emb, ref_emb = load(tmp_path / "run" / "embeddings" / "test.pt"), load(tmp_path / "ref" / "embeddings" / "test.pt")
     assert torch.equal(emb["embeddings"], ref_emb["embeddings"])
 
 
