@@ -82,12 +82,7 @@ def load_embeddings(folder, embedding_dim):
     splits = {}
     for name in ("train", "test"):
         path = os.path.join(folder, f"{name}.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"{path} does not exist (empssl_pretrain.py writes train.pt and test.pt into <output-dir>/embeddings)")
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{path} is not readable: corrupt, truncated or not written by torch.save ({type(e).__name__})")
+        d = read_torch_file(path, "embeddings file")  # empssl_pretrain.py writes <output-dir>/embeddings/{train,test}.pt
         missing = [k for k in ("embeddings", "labels", "dim", "classes") if not isinstance(d, dict) or k not in d]
         if missing:
             raise UserError(f"{path} lacks the keys {missing} of an empssl_pretrain.py embeddings file")
@@ -117,15 +112,14 @@ def evaluate(head, inputs, labels, batch_size=1024):
     """(cross-entropy, top-1 %, top-5 %) of head (the classifier, or its fc on cached features) on inputs."""
     was_training = head.training
     head.eval()
-    loss, top1, top5, k = 0.0, 0.0, 0.0, None
+    sums = torch.zeros(3, device=labels.device)  # summed loss, top-1 hits, top-5 hits: one host sync at the end
     for i in range(0, len(inputs), batch_size):
         logits, y = head(inputs[i:i + batch_size]).float(), labels[i:i + batch_size]
-        k = min(5, logits.shape[1])
-        hit = logits.topk(k, dim=1).indices == y.view(-1, 1)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        top1, top5 = top1 + hit[:, 0].sum().item(), top5 + hit.any(1).sum().item()
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y.view(-1, 1)
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), hit[:, 0].sum(), hit.any(1).sum()])
     head.train(was_training)
-    return loss / len(inputs), 100 * top1 / len(inputs), 100 * top5 / len(inputs)
+    loss, top1, top5 = (sums / len(inputs)).tolist()
+    return loss, 100 * top1, 100 * top5
 
 
 # ----------------------------------------------------------------------------- train
@@ -145,13 +139,18 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, script):
+def read_torch_file(path, what):
+    """torch.load of a file these scripts wrote (tensors, numbers, strings only); missing or broken: a UserError."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint: corrupt, truncated or not written by torch.save ({type(e).__name__})")
+        raise UserError(f"{path} is not a readable {what}: corrupt, truncated or not written by torch.save ({type(e).__name__})")
+
+
+def load_checkpoint(path, script):
+    ckpt = read_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or not {"script", "model", "config", "step"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint written by these scripts")
     if ckpt["script"] != script:

@@ -405,13 +405,18 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, script):
+def read_torch_file(path, what):
+    """torch.load of a file these scripts wrote (tensors, numbers, strings only); missing or broken: a UserError."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint: corrupt, truncated or not written by torch.save ({type(e).__name__})")
+        raise UserError(f"{path} is not a readable {what}: corrupt, truncated or not written by torch.save ({type(e).__name__})")
+
+
+def load_checkpoint(path, script):
+    ckpt = read_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or not {"script", "model", "config", "step"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint written by these scripts")
     if ckpt["script"] != script:

@@ -1006,7 +1006,7 @@ def test_linear_bad_input_one_line_exit_2(name, tmp_path):
 def test_shared_blocks_are_the_same_code(module):
     """The scripts are copies by design; the blocks they share must not drift apart."""
     import inspect
-    for name in ("lr_at", "atomic_save", "load_checkpoint", "parse_config"):
+    for name in ("lr_at", "atomic_save", "read_torch_file", "load_checkpoint", "parse_config"):
         assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(pretrain, name)), name
     if module is not empssl_linear:
         for name in ("load_image_folder", "load_dataset", "sample_crops", "resized_crop_flip", "cifar_resnet18", "normalize"):
