@@ -3,17 +3,20 @@
 Measures, on whatever device is present: the training steps of mmcr_pretrain.py (augmentation +
 forward + loss + backward + Adam), empssl_pretrain.py (the same with the coding rate and LARS) and
 mmcr_finetune.py (both types), with peak memory; the batched on-device augmentation against the
-per-image torchvision.transforms.v2 pipeline of the reference implementations; and the EMP-SSL total
-coding rate through the small side (m x m) against the direct d x d logdet.
+per-image torchvision.transforms.v2 pipeline of the reference implementations, alone and as the
+reference feeds its GPU (a DataLoader with one worker per core); and the EMP-SSL total coding rate through
+the small side (m x m) against the direct d x d logdet.
 
     python bench.py                                   # CPU: small shape (8 x 4 views), under a minute
-    python bench.py --device cuda --compile           # GPU: the recipe's 64 images x 16 views
+    python bench.py --device cuda                     # GPU: the recipe's 64 images x 16 views
+    python bench.py --device cuda --compile --only mmcr_step   # one row, the model under torch.compile
     python bench.py --device cpu --steps 10 --warmup 2     # quicker, noisier
 
 New sections (an EMP-SSL step, a finetune step) are functions bench_xxx(args, device) -> list of rows,
 appended to BENCHES.
 """
 import argparse
+import os
 import resource
 import sys
 import time
@@ -157,6 +160,51 @@ def bench_augment_per_image(args, device):
                 f"on cpu (as the reference), PIL, 1 process, {torch.get_num_threads()} threads")]
 
 
+class MultiViewImages(torch.utils.data.Dataset):
+    """The reference's training dataset: PIL images, each returned as a stack of V independently transformed views."""
+
+    def __init__(self, images, views, transform):
+        self.images, self.views, self.transform = images, views, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.stack([self.transform(self.images[i]) for _ in range(self.views)])
+
+
+def bench_reference_loader(args, device):
+    """The reference-style input pipeline: per-image v2 transforms in DataLoader workers, batches moved to the device.
+
+    This is what feeds the GPU in the reference implementations (Lightning DataLoader, PIL CIFAR images,
+    views transformed one by one in worker processes). Its views/s bounds the reference's training speed
+    from above, whatever the GPU: our step's views/s divided by it is the speed-up of switching.
+    """
+    b, v = args.batch_size, args.num_views
+    torch.manual_seed(0)
+    pil = [v2.functional.to_pil_image(x) for x in torch.randint(0, 256, (max(4096, 2 * b), 3, 32, 32), dtype=torch.uint8)]
+    loader = torch.utils.data.DataLoader(MultiViewImages(pil, v, per_image_pipeline()), batch_size=b, shuffle=True, drop_last=True,
+                                         num_workers=args.loader_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.loader_workers > 0)
+    batches = iter(loader)
+    # Untimed: starting the workers and their first round of batches, which all arrive at once. The timed
+    # batches are then several rounds of every worker, so the prefetched queue does not inflate the rate.
+    for _ in range(max(1, args.loader_workers)):
+        next(batches)
+    reset_peak(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.loader_batches):
+        x = next(batches).to(device, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t) / args.loader_batches
+    del batches, x
+    return [row("reference-style loader (v2, DataLoader)", b * v, seconds, peak_memory(device),
+                f"{b} img x {v} views, {args.loader_workers} workers, {os.cpu_count()} cpus, to {device.type}")]
+
+
 def bench_empssl_step(args, device):
     """One EMP-SSL training step as in empssl_pretrain.main (patches, 4096-d embedding, TCR + similarity, LARS)."""
     b, p = args.empssl_batch_size, args.patches
@@ -230,7 +278,8 @@ def bench_finetune_step(args, device):
     return rows
 
 
-BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image, bench_empssl_step, bench_tcr, bench_finetune_step]
+BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image, bench_reference_loader, bench_empssl_step, bench_tcr,
+           bench_finetune_step]
 
 
 class Parser(argparse.ArgumentParser):
@@ -254,6 +303,9 @@ def parse_args(argv=None):
     p.add_argument("--empssl-batch-size", type=int, help="images per EMP-SSL step (default 100 on GPU, 4 on CPU)")
     p.add_argument("--patches", type=int, help="patches per image in the EMP-SSL step (default 20 on GPU, 4 on CPU)")
     p.add_argument("--finetune-batch-size", type=int, help="images per finetune step (default 1024 on GPU, 32 on CPU)")
+    p.add_argument("--loader-workers", type=int, default=os.cpu_count(), help="DataLoader workers of the reference-style loader")
+    p.add_argument("--loader-batches", type=int, help="timed batches of the reference-style loader (default 4 x workers on GPU, 2 x on CPU)")
+    p.add_argument("--only", nargs="+", choices=[b.__name__[len("bench_"):] for b in BENCHES], help="run only these benchmarks")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is available")
@@ -261,13 +313,15 @@ def parse_args(argv=None):
     gpu = device.type == "cuda"
     # CPU defaults are small so the whole run takes about a minute; GPU defaults are the recipe's shape.
     for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("num_views", 16, 4), ("warmup", 10, 5), ("train_steps", 50, 10),
-                                 ("empssl_batch_size", 100, 4), ("patches", 20, 4), ("finetune_batch_size", 1024, 32)):
+                                 ("empssl_batch_size", 100, 4), ("patches", 20, 4), ("finetune_batch_size", 1024, 32),
+                                 ("loader_batches", 4 * max(1, args.loader_workers), 2 * max(1, args.loader_workers))):
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
     if args.precision == "auto":
         args.precision = "fp32" if not gpu else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     for bad, message in ((args.batch_size < 1, "--batch-size must be positive"), (args.num_views < 2, "--num-views must be at least 2"),
-                         (args.aug_views < 1, "--aug-views must be positive"), (args.steps < 1, "--steps must be positive"),
+                         (args.aug_views < 1, "--aug-views must be positive"),
+                         (args.loader_workers < 0 or args.loader_batches < 1, "--loader-workers must be >= 0, --loader-batches positive"), (args.steps < 1, "--steps must be positive"),
                          (args.warmup < 0, "--warmup must be >= 0"), (min(args.train_steps, args.finetune_batch_size) < 1, "--train-steps and --finetune-batch-size must be positive"),
                          (args.empssl_batch_size < 2 or args.patches < 2, "--empssl-batch-size and --patches must be at least 2")):
         if bad:
@@ -283,15 +337,19 @@ def main():
     print(f"device {device} ({name}), torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
           f"precision {args.precision}, compile {args.compile}, steps {args.steps}, warmup {args.warmup}")
     print(f"mmcr step shape: {args.batch_size} images x {args.num_views} views = {args.batch_size * args.num_views} views")
-    rows = [r for bench in BENCHES for r in bench(args, device)]
+    rows = [r for bench in BENCHES if not args.only or bench.__name__[len("bench_"):] in args.only for r in bench(args, device)]
     table = [("name", "views/s", "ms/step", "peak memory", "notes")]
     table += [(r["name"], f"{r['views_s']:.0f}", f"{r['ms']:.1f}", r["memory"], r["notes"]) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(4)]
     for line in table:  # names and memory left-aligned, numbers right-aligned, notes last and unpadded
         print("  ".join([line[0].ljust(widths[0]), line[1].rjust(widths[1]), line[2].rjust(widths[2]), line[3].ljust(widths[3]), line[4]]))
     speed = {r["name"]: r["views_s"] for r in rows}
-    ratio = speed["augment batched (mmcr_pretrain)"] / speed["augment per-image (torchvision v2)"]
-    print(f"augmentation speedup vs per-image torchvision: {ratio:.1f}x")
+    if "augment batched (mmcr_pretrain)" in speed and "augment per-image (torchvision v2)" in speed:
+        ratio = speed["augment batched (mmcr_pretrain)"] / speed["augment per-image (torchvision v2)"]
+        print(f"augmentation speedup vs per-image torchvision: {ratio:.1f}x")
+    step, loader = speed.get("mmcr step (aug+fwd+bwd+adam)"), speed.get("reference-style loader (v2, DataLoader)")
+    if step and loader:
+        print(f"mmcr step vs reference-style loader: {step / loader:.2f}x the views/s ({step:.0f} vs {loader:.0f})")
 
 
 if __name__ == "__main__":
