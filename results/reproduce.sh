@@ -35,12 +35,13 @@ else
   bench=(--device cuda) empssl=() linear=() mmcr=() finetune=() compile=(--device cuda)
 fi
 
-# step NAME TIMEOUT COMMAND...: run it with its log tee'd to OUT/NAME.log; TIMEOUT 0 = none.
+# step NAME TIMEOUT COMMAND...: run it with its log tee'd to OUT/NAME.log; TIMEOUT 0 = none. --foreground keeps the
+# command in our process group, so a timeout around this whole script reaches it too (it saves and exits on SIGTERM).
 step() {
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
   echo "== $name: $*" | tee "$out/$name.log"
-  timeout -s TERM "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
+  timeout --foreground -s TERM "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
   rc=${PIPESTATUS[0]}
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" | tee -a "$out/times.tsv"
   return "$rc"
