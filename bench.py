@@ -88,16 +88,24 @@ def train_step(model, optimizer, args, device, inputs, loss_fn):
     return step
 
 
-def step_rows(name, step, inputs, views, args, device, shape):
-    """Rows for a training step and for its augmentation alone (the same views, nothing else)."""
+def step_rows(name, make_step, inputs, views, args, device, shape):
+    """Rows for a training step, the same step on one fixed batch of views, and the augmentation alone.
+
+    The augmentation's cost inside the step is the difference of the first two: timed alone it can
+    overstate it on a GPU, where its kernel launches may overlap with the previous step's kernels.
+    """
     reset_peak(device)
-    t_step = timeit(step, args.train_steps, args.warmup, device)
+    t_step = timeit(make_step(inputs), args.train_steps, args.warmup, device)
     mem_step = peak_memory(device)
+    fixed = inputs()
+    t_fixed = timeit(make_step(lambda: fixed), args.train_steps, args.warmup, device)
     reset_peak(device)
     t_aug = timeit(inputs, args.train_steps, args.warmup, device)
     shape = f"on {device.type}, {shape}, {args.precision}{', compiled' if args.compile else ''}"
+    share = 100 * (t_step - t_fixed) / t_step
     return [row(name, views, t_step, mem_step, shape),
-            row("  augmentation alone", views, t_aug, peak_memory(device), f"{100 * t_aug / t_step:.1f}% of the step")]
+            row("  the same step on fixed views", views, t_fixed, mem_step, f"augmentation's share of the step: {share:.1f}%"),
+            row("  augmentation alone", views, t_aug, peak_memory(device), f"{100 * t_aug / t_step:.1f}% of the step's time")]
 
 
 def bench_mmcr_step(args, device):
@@ -112,8 +120,9 @@ def bench_mmcr_step(args, device):
         idx = torch.randint(len(pool), (b,), device=device, generator=gen)
         return mmcr_pretrain.augment(pool[idx].repeat_interleave(v, 0), gen, MEAN, STD, **AUG)
 
-    step = train_step(model, optimizer, args, device, views, lambda z: mmcr_pretrain.mmcr_loss(z.view(b, v, -1)))
-    return step_rows("mmcr step (aug+fwd+bwd+adam)", step, views, b * v, args, device, f"{b} img x {v} views")
+    def make_step(inputs):
+        return train_step(model, optimizer, args, device, inputs, lambda z: mmcr_pretrain.mmcr_loss(z.view(b, v, -1)))
+    return step_rows("mmcr step (aug+fwd+bwd+adam)", make_step, views, b * v, args, device, f"{b} img x {v} views")
 
 
 def bench_augment_batched(args, device):
@@ -129,8 +138,8 @@ def bench_augment_batched(args, device):
 def per_image_pipeline():
     """The reference's per-image pipeline with the recipe's parameters, in torchvision.transforms.v2.
 
-    Solarize runs on the PIL image at threshold 128, before the float conversion: the reference
-    solarizes PIL images (ImageOps.solarize, default threshold 128) before ToTensor.
+    As in the reference, every transform before ToImage runs on the PIL image: solarize compares uint8
+    values with the threshold (255 x ours, which is in [0, 1] units).
     """
     a = AUG  # the same numbers as the batched pipeline
     return v2.Compose([
@@ -139,7 +148,7 @@ def per_image_pipeline():
         v2.RandomApply([v2.ColorJitter(*a["jitter"])], p=a["p_jitter"]),
         v2.RandomGrayscale(p=a["p_gray"]),
         v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 2.0))], p=a["p_blur"]),
-        v2.RandomSolarize(128, p=a["p_solarize"]),
+        v2.RandomSolarize(a["solarize_threshold"] * 255, p=a["p_solarize"]),
         v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(MEAN, STD),
     ])
@@ -182,7 +191,9 @@ def bench_reference_loader(args, device):
     """
     b, v = args.batch_size, args.num_views
     torch.manual_seed(0)
-    pil = [v2.functional.to_pil_image(x) for x in torch.randint(0, 256, (max(4096, 2 * b), 3, 32, 32), dtype=torch.uint8)]
+    # enough images for every warm-up and timed batch within one pass of the loader
+    n = max(4096, (args.loader_workers + args.loader_batches + 1) * b)
+    pil = [v2.functional.to_pil_image(x) for x in torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)]
     loader = torch.utils.data.DataLoader(MultiViewImages(pil, v, per_image_pipeline()), batch_size=b, shuffle=True, drop_last=True,
                                          num_workers=args.loader_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.loader_workers > 0)
@@ -221,8 +232,20 @@ def bench_empssl_step(args, device):
         z = out[1].view(b, p, -1)
         return -empssl_pretrain.total_coding_rate(z) - 200 * empssl_pretrain.patch_similarity(z)
 
-    step = train_step(model, optimizer, args, device, patches, loss_fn)
-    return step_rows("empssl step (aug+fwd+bwd+lars)", step, patches, b * p, args, device, f"{b} img x {p} patches")
+    def make_step(inputs):
+        return train_step(model, optimizer, args, device, inputs, loss_fn)
+    return step_rows("empssl step (aug+fwd+bwd+lars)", make_step, patches, b * p, args, device, f"{b} img x {p} patches")
+
+
+def bench_blur(args, device):
+    """The two blurs of augment() on every view of an EMP-SSL step: torchvision's 3x3 kernel and PIL's radius-sigma blur."""
+    n = args.empssl_batch_size * args.patches
+    x = torch.rand(n, 3, 32, 32, device=device, generator=torch.Generator(device).manual_seed(0))
+    sigma = torch.empty(n, device=device).uniform_(0.1, 2.0)
+    t3 = timeit(lambda: mmcr_pretrain.gaussian_blur(x, sigma), args.steps, args.warmup, device)
+    tp = timeit(lambda: empssl_pretrain.pil_gaussian_blur(x, sigma), args.steps, args.warmup, device)
+    return [row("blur 3x3 (mmcr)", n, t3, peak_memory(device), f"{n} views, every view blurred (augment blurs all, keeps 10%)"),
+            row("blur pil radius sigma (empssl)", n, tp, peak_memory(device), f"{tp / t3:.1f}x the 3x3 blur")]
 
 
 def direct_tcr(z, eps=0.2):
@@ -252,14 +275,16 @@ def bench_finetune_step(args, device):
     labels = torch.randint(0, 10, (b,), device=device)
 
     def images():
-        return mmcr_finetune.augment(pool[torch.randint(len(pool), (b,), device=device, generator=gen)], gen, MEAN, STD, "ssl")
+        return mmcr_finetune.train_views(pool[torch.randint(len(pool), (b,), device=device, generator=gen)], gen, MEAN, STD, "ssl")
 
     rows = []
     for finetune_type in ("linear", "backbone+linear"):
         model = mmcr_finetune.Classifier(10, frozen=finetune_type == "linear").to(device).to(memory_format=torch.channels_last)
         optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=0.01, fused=device.type == "cuda")
         step = train_step(model, optimizer, args, device, images, lambda logits: torch.nn.functional.cross_entropy(logits.float(), labels))
-        rows += step_rows(f"finetune step ({finetune_type})", step, images, b, args, device, f"images/s, batch {b}")[:1]
+        reset_peak(device)
+        t = timeit(step, args.train_steps, args.warmup, device)
+        rows.append(row(f"finetune step ({finetune_type})", b, t, peak_memory(device), f"images/s, batch {b}, {args.precision}"))
     # --finetune-type linear --augment none: the linear layer alone on cached 512-d features
     features = torch.randn(len(pool), 512, device=device)
     fc = torch.nn.Linear(512, 10).to(device)
@@ -278,8 +303,8 @@ def bench_finetune_step(args, device):
     return rows
 
 
-BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image, bench_reference_loader, bench_empssl_step, bench_tcr,
-           bench_finetune_step]
+BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image, bench_reference_loader, bench_empssl_step, bench_blur,
+           bench_tcr, bench_finetune_step]
 
 
 class Parser(argparse.ArgumentParser):
@@ -337,12 +362,15 @@ def main():
     print(f"device {device} ({name}), torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
           f"precision {args.precision}, compile {args.compile}, steps {args.steps}, warmup {args.warmup}")
     print(f"mmcr step shape: {args.batch_size} images x {args.num_views} views = {args.batch_size * args.num_views} views")
-    rows = [r for bench in BENCHES if not args.only or bench.__name__[len("bench_"):] in args.only for r in bench(args, device)]
-    table = [("name", "views/s", "ms/step", "peak memory", "notes")]
-    table += [(r["name"], f"{r['views_s']:.0f}", f"{r['ms']:.1f}", r["memory"], r["notes"]) for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(4)]
-    for line in table:  # names and memory left-aligned, numbers right-aligned, notes last and unpadded
-        print("  ".join([line[0].ljust(widths[0]), line[1].rjust(widths[1]), line[2].rjust(widths[2]), line[3].ljust(widths[3]), line[4]]))
+    # Each row is printed as soon as it is measured, so a benchmark that fails leaves the earlier rows in the log.
+    line = "{:<42}  {:>9}  {:>8}  {:<21}  {}"
+    print(line.format("name", "views/s", "ms/step", "peak memory", "notes"), flush=True)
+    rows = []
+    for bench in BENCHES:
+        if not args.only or bench.__name__[len("bench_"):] in args.only:
+            for r in bench(args, device):
+                print(line.format(r["name"], f"{r['views_s']:.0f}", f"{r['ms']:.1f}", r["memory"], r["notes"]), flush=True)
+                rows.append(r)
     speed = {r["name"]: r["views_s"] for r in rows}
     if "augment batched (mmcr_pretrain)" in speed and "augment per-image (torchvision v2)" in speed:
         ratio = speed["augment batched (mmcr_pretrain)"] / speed["augment per-image (torchvision v2)"]

@@ -62,6 +62,9 @@ class Config:
     projection_dim: int = arg(1024, "output dimension of the projector (the loss's space)")
     invariance_coefficient: float = arg(200.0, "weight of the patch similarity against the total coding rate")
     tcr_eps: float = arg(0.2, "distortion eps of the total coding rate")
+    blur: str = arg("pil", "pil: PIL's GaussianBlur(radius=sigma), as the reference and the official code; kernel3: a 3x3 kernel")
+    unscaled_inputs: bool = arg(False, "the bartoszzuk reference's inputs: pixels 0..255 (ToDtype without scale) before "
+                                "Normalize(0.5, 0.5), so in [-1, 509]; the default [-1, 1] is the official code's")
     num_neighbours: int = arg(20, "k of the weighted kNN evaluation")
     temperature: float = arg(0.07, "temperature of the weighted kNN evaluation")
     eval_every: int = arg(0, "bag-of-features kNN every this many epochs (0: only after the last, always done)")
@@ -95,7 +98,9 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- data
 
-CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+# CIFAR-10's std is the reference's (0.2023, ...), widely copied from kuangliu/pytorch-cifar; the dataset's own
+# pixel std is (0.2470, 0.2435, 0.2616). The first convolution and its BatchNorm absorb the difference.
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
                "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 
 
@@ -264,16 +269,42 @@ def gaussian_blur(x, sigma):
     return k0 * p[..., :-2, :] + k1 * p[..., 1:-1, :] + k0 * p[..., 2:, :]
 
 
+def pil_gaussian_blur(x, sigma, max_sigma=2.0, passes=3):
+    """PIL's ImageFilter.GaussianBlur(radius=sigma) with a per-view sigma <= max_sigma.
+
+    Pillow (BoxBlur.c) blurs with `passes` box blurs along the rows, then as many along the columns,
+    each repeating the edge pixels. The box has radius l + a: l whole taps each side plus an outer
+    tap of weight a, chosen so that the passes have variance sigma^2 (Gwosdek et al. 2011, eqs. 7-14,
+    https://www.mia.uni-saarland.de/Publications/gwosdek-ssvm11.pdf). At sigma 2 the result spans
+    13 pixels, where torchvision's GaussianBlur(3) spans 3.
+    """
+    n, c, height, width = x.shape
+    var = (sigma.float() ** 2 / passes).view(-1, 1)
+    whole = ((torch.sqrt(12 * var + 1) - 1) / 2).floor()
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
+    # the widest box any sigma <= max_sigma needs, from the sigma alone: no host sync
+    r = math.floor((math.sqrt(12 * max_sigma ** 2 / passes + 1) - 1) / 2) + 1
+    offset = torch.arange(-r, r + 1, device=x.device).abs().view(1, -1)
+    taps = torch.where(offset <= whole, 1.0, torch.where(offset == whole + 1, frac, 0.0)) / (2 * whole + 1 + 2 * frac)
+    taps = taps.repeat_interleave(c, 0)
+    # one group per view and channel: each gets its own kernel in a single depthwise convolution
+    y = x.reshape(1, n * c, height, width)
+    for shape, pad in (((n * c, 1, 1, 2 * r + 1), (r, r, 0, 0)), ((n * c, 1, 2 * r + 1, 1), (0, 0, r, r))):
+        for _ in range(passes):
+            y = F.conv2d(F.pad(y, pad, mode="replicate"), taps.view(shape), groups=n * c)
+    return y.view(n, c, height, width)
+
+
 def solarize(x, threshold=0.5):
     return torch.where(x >= threshold, 1 - x, x)
 
 
-def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, p_solarize):
+def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, blur, p_solarize, solarize_threshold):
     """A batch of uint8 images (N, 3, H, W) -> N independently augmented, normalised float views.
 
     RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
-    (kernel 3, sigma 0.1-2), solarize (threshold 0.5), normalise: the per-image torchvision pipeline
-    of the reference code, with every random parameter drawn per view.
+    (sigma 0.1-2; blur "kernel3": torchvision's GaussianBlur(3), "pil": PIL's GaussianBlur(radius=sigma)),
+    solarize, normalise: the per-image pipeline of the reference code, every random parameter drawn per view.
     """
     n, dev = images.shape[0], images.device
     u = lambda lo, hi: torch.empty(n, device=dev).uniform_(lo, hi, generator=gen)
@@ -293,12 +324,16 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
         if before:
             x = adjust_hue(x, hue)
     x = torch.where(coin(p_gray).view(-1, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
-    x = gaussian_blur(x, torch.where(coin(p_blur), u(0.1, 2.0), 1e-3))  # sigma 1e-3: side taps are exactly 0
-    x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x), x)
+    sigma = u(0.1, 2.0)
+    x = torch.where(coin(p_blur).view(-1, 1, 1, 1), gaussian_blur(x, sigma) if blur == "kernel3" else pil_gaussian_blur(x, sigma), x)
+    x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x, solarize_threshold), x)
     return normalize(x, mean, std)
 
 
-AUGMENT = dict(scale=(0.25, 0.25), ratio=(1.0, 1.0), jitter=(0.4, 0.4, 0.4, 0.2), p_jitter=0.8, p_gray=0.2, p_blur=0.1, p_solarize=0.1)
+# The reference solarizes PIL images with ImageOps.solarize's default threshold 128 (of 255) and blurs them with
+# PIL's GaussianBlur(radius=sigma); the official EMP-SSL code (dataset/aug.py) does the same.
+AUGMENT = dict(scale=(0.25, 0.25), ratio=(1.0, 1.0), jitter=(0.4, 0.4, 0.4, 0.2), p_jitter=0.8, p_gray=0.2, p_blur=0.1,
+               blur="pil", p_solarize=0.1, solarize_threshold=128 / 255)
 
 
 @functools.lru_cache(maxsize=None)
@@ -312,6 +347,17 @@ def normalize(x, mean, std):
     m, s = channel_stats(tuple(mean), tuple(std), x.device)
     x = x.float().div_(255) if x.dtype == torch.uint8 else x
     return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+def save_views(images, views, mean, std, path, rows=8, columns=8):
+    """A PNG of the first `rows` images, each followed by its first `columns` views as the model gets them, un-normalised."""
+    m, s = channel_stats(tuple(mean), tuple(std), views.device)
+    rows, size = min(rows, len(images)), views.shape[-1]
+    per_image = len(views) // len(images)
+    shown = (views.float() * s + m).clamp(0, 1).view(len(images), per_image, 3, size, size)[:rows, :columns]
+    originals = F.interpolate(images[:rows].float() / 255, size=(size, size), mode="bilinear", antialias=True)
+    grid = torch.cat([originals[:, None], shown], 1).flatten(0, 1)
+    torchvision.utils.save_image(grid.cpu(), path, nrow=1 + shown.shape[1], padding=1)
 
 
 # ----------------------------------------------------------------------------- model
@@ -435,13 +481,13 @@ def patch_similarity(z):
 # ----------------------------------------------------------------------------- eval
 
 @torch.no_grad()
-def bag_of_features(model, images, gen, mean, std, size, patches, autocast, progress=True, views_per_chunk=8192):
+def bag_of_features(model, images, gen, mean, std, size, patches, aug, autocast, progress=True, views_per_chunk=8192):
     """(N, hidden_dim) mean embedding h of `patches` augmented patches of every image, in eval mode, chunked."""
     was_training = model.training
     model.eval()
     chunk, out = max(1, views_per_chunk // patches), []
     for i in tqdm(range(0, len(images), chunk), desc=f"bag of features ({patches} patches)", leave=False, mininterval=1, disable=not progress):
-        x = augment(images[i:i + chunk].repeat_interleave(patches, 0), gen, mean, std, size, **AUGMENT)
+        x = augment(images[i:i + chunk].repeat_interleave(patches, 0), gen, mean, std, size, **aug)
         with autocast:
             h = model.pre_feature(model.backbone(x))  # the projector is not needed here
         out.append(h.float().view(-1, patches, h.shape[-1]).mean(1))
@@ -500,6 +546,7 @@ def check_config(cfg):
     problems = [(cfg.train_patches < 2 or cfg.valid_patches < 1, "--train-patches must be at least 2 and --valid-patches at least 1"),
                 (cfg.hidden_dim < 1 or cfg.invariance_coefficient < 0 or cfg.tcr_eps <= 0, "--hidden-dim and --tcr-eps must be positive, --invariance-coefficient >= 0"),
                 (cfg.batch_size < 2, "--batch-size must be at least 2 (the coding rate is over the batch)"),
+                (cfg.blur not in ("pil", "kernel3"), "--blur must be pil or kernel3"),
                 (cfg.max_epochs < 1, "--max-epochs must be at least 1"),
                 (cfg.learning_rate <= 0 or cfg.weight_decay < 0, "--learning-rate must be positive, --weight-decay >= 0"),
                 (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
@@ -545,13 +592,15 @@ def main(cfg):
     if ddp and not master:
         dist.barrier()  # rank 0 downloads / decodes / caches first
     xtr, ytr, xte, yte, classes, (mean, std) = load_dataset(cfg)
-    mean = std = (0.5, 0.5, 0.5)  # EMP-SSL normalises every dataset with 0.5 / 0.5
+    # EMP-SSL normalises every dataset with 0.5 / 0.5; (255 x - 0.5) / 0.5 = (x - 0.5 / 255) / (0.5 / 255)
+    mean = std = (0.5 / 255,) * 3 if cfg.unscaled_inputs else (0.5,) * 3
     if ddp and master:
         dist.barrier()
     if cfg.batch_size > len(xtr):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(xtr)} images)")
     xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
     local_batch, views_per_image = cfg.batch_size // world, cfg.train_patches
+    aug = dict(AUGMENT, blur=cfg.blur)
     steps_per_epoch = len(xtr) // cfg.batch_size  # the last partial batch is dropped
     total_steps = cfg.max_epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_duration * total_steps)
@@ -622,7 +671,9 @@ def main(cfg):
             group["lr"] = lr
 
         idx = perm[i * cfg.batch_size + rank * local_batch: i * cfg.batch_size + (rank + 1) * local_batch]
-        views = augment(xtr[idx].repeat_interleave(views_per_image, 0), gen, mean, std, cfg.image_size, **AUGMENT)
+        views = augment(xtr[idx].repeat_interleave(views_per_image, 0), gen, mean, std, cfg.image_size, **aug)
+        if step == 0 and master:  # what the augmentation does, for the eye
+            save_views(xtr[idx], views, mean, std, os.path.join(cfg.output_dir, "views.png"))
         with autocast:
             z = model(views)[1].view(local_batch, views_per_image, -1)
         tcr, similarity = total_coding_rate(z, cfg.tcr_eps), patch_similarity(z)
@@ -658,7 +709,7 @@ def main(cfg):
                 # every rank embeds its share of the images (rows rank::world), then all rows are gathered
                 eval_gen = torch.Generator(device).manual_seed(cfg.seed * 100003 + rank)  # the same patches at every evaluation
                 ftr, fte = (gather_rows(bag_of_features(raw_model, x[rank::world], eval_gen, mean, std, cfg.image_size, cfg.valid_patches,
-                                                        autocast, progress=master), len(x)) for x in (xtr, xte))
+                                                        aug, autocast, progress=master), len(x)) for x in (xtr, xte))
                 if master:
                     stats["knn_top1"], stats["knn_top5"] = knn_accuracy(ftr, ytr, fte, yte, cfg.num_neighbours, cfg.temperature, len(classes))
                     os.makedirs(os.path.join(cfg.output_dir, "embeddings"), exist_ok=True)

@@ -55,9 +55,11 @@ class Config:
     learning_rate: float = arg(0.01, "Adam peak learning rate of the classifier")
     weight_decay: float = arg(1e-6, "Adam (L2) weight decay")
     warmup_duration: float = arg(0.1, "fraction of all steps spent in linear warm-up before the cosine decay")
-    finetune_type: str = arg("linear", "linear (frozen backbone in eval mode) or backbone+linear (everything trains)")
+    finetune_type: str = arg("linear", "linear (frozen backbone) or backbone+linear (everything trains)")
+    frozen_bn: str = arg("train", "linear: train (the reference: the frozen backbone's BatchNorm uses batch statistics in "
+                         "training and re-estimates its running ones) or eval (its statistics stay those of pretraining)")
     backbone_lr_scale: float = arg(0.1, "backbone learning rate = this x --learning-rate (backbone+linear only)")
-    augment: str = arg("ssl", "ssl (RandomResizedCrop 0.08-1 + flip, as the reference), crop-flip (4-px padded crop + flip) or none")
+    augment: str = arg("ssl", "ssl (the pretraining augmentation, as the reference), crop-flip (4-px padded crop + flip) or none")
     num_neighbours: int = arg(200, "k of the kNN check of the loaded backbone")
     temperature: float = arg(0.5, "temperature of the kNN check of the loaded backbone")
     eval_every: int = arg(1, "test evaluation every this many epochs (0: only after the last, always done)")
@@ -91,7 +93,9 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- data
 
-CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+# CIFAR-10's std is the reference's (0.2023, ...), widely copied from kuangliu/pytorch-cifar; the dataset's own
+# pixel std is (0.2470, 0.2435, 0.2616). The first convolution and its BatchNorm absorb the difference.
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
                "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 
 
@@ -211,18 +215,134 @@ def resized_crop_flip(x, top, left, h, w, flip, size):
     return F.grid_sample(x, grid.clamp(lo, hi), mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def augment(images, gen, mean, std, kind):
-    """uint8 images (N, 3, S, S) -> normalised float views: `ssl` RandomResizedCrop(scale 0.08-1) + flip,
-    `crop-flip` a random S x S crop of the image zero-padded by 4 px + flip (the supervised CIFAR recipe), `none`."""
+def grayscale(x):
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # ITU-R 601-2 luma, as torchvision
+
+
+def adjust_brightness(x, b):
+    return (x * b.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def adjust_contrast(x, c):
+    mean = grayscale(x).mean((1, 2, 3), keepdim=True)
+    c = c.view(-1, 1, 1, 1)
+    return (c * x + (1 - c) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x, s):
+    s = s.view(-1, 1, 1, 1)
+    return (s * x + (1 - s) * grayscale(x)).clamp(0, 1)
+
+
+def adjust_hue(x, hue):
+    """RGB -> HSV (the formulas of torchvision's _rgb_to_hsv), rotate the hue by `hue` turns, HSV -> RGB.
+
+    The way back uses the closed form channel_n = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6
+    with n = 5, 3, 1 for r, g, b (https://en.wikipedia.org/wiki/HSL_and_HSV#HSV_to_RGB_alternative):
+    the same values as torchvision's sector table, without building six candidate planes (3x faster on CPU).
+    """
+    maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    eqc = maxc == minc
+    sat = (maxc - minc) / torch.where(eqc, 1.0, maxc)
+    rc, gc, bc = ((maxc - x) / torch.where(eqc, 1.0, maxc - minc)).unbind(1)
+    r, g, _ = x.unbind(1)
+    m = maxc[:, 0]
+    h = torch.where(m == r, bc - gc, torch.where(m == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.remainder(torch.fmod(h / 6.0 + 1.0, 1.0) + hue.view(-1, 1, 1), 1.0) * 6
+    k = torch.remainder(torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + h[:, None], 6.0)
+    return maxc - maxc * sat * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def gaussian_blur(x, sigma):
+    """3x3 Gaussian blur with a per-view sigma, reflect padding (torchvision's gaussian_blur, kernel 3)."""
+    k = torch.exp(-0.5 / sigma.view(-1, 1, 1, 1) ** 2)  # weight of the two side taps; centre tap is 1
+    k0, k1 = k / (1 + 2 * k), 1 / (1 + 2 * k)
+    p = F.pad(x, (1, 1, 0, 0), mode="reflect")
+    x = k0 * p[..., :-2] + k1 * p[..., 1:-1] + k0 * p[..., 2:]
+    p = F.pad(x, (0, 0, 1, 1), mode="reflect")
+    return k0 * p[..., :-2, :] + k1 * p[..., 1:-1, :] + k0 * p[..., 2:, :]
+
+
+def pil_gaussian_blur(x, sigma, max_sigma=2.0, passes=3):
+    """PIL's ImageFilter.GaussianBlur(radius=sigma) with a per-view sigma <= max_sigma.
+
+    Pillow (BoxBlur.c) blurs with `passes` box blurs along the rows, then as many along the columns,
+    each repeating the edge pixels. The box has radius l + a: l whole taps each side plus an outer
+    tap of weight a, chosen so that the passes have variance sigma^2 (Gwosdek et al. 2011, eqs. 7-14,
+    https://www.mia.uni-saarland.de/Publications/gwosdek-ssvm11.pdf). At sigma 2 the result spans
+    13 pixels, where torchvision's GaussianBlur(3) spans 3.
+    """
+    n, c, height, width = x.shape
+    var = (sigma.float() ** 2 / passes).view(-1, 1)
+    whole = ((torch.sqrt(12 * var + 1) - 1) / 2).floor()
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
+    # the widest box any sigma <= max_sigma needs, from the sigma alone: no host sync
+    r = math.floor((math.sqrt(12 * max_sigma ** 2 / passes + 1) - 1) / 2) + 1
+    offset = torch.arange(-r, r + 1, device=x.device).abs().view(1, -1)
+    taps = torch.where(offset <= whole, 1.0, torch.where(offset == whole + 1, frac, 0.0)) / (2 * whole + 1 + 2 * frac)
+    taps = taps.repeat_interleave(c, 0)
+    # one group per view and channel: each gets its own kernel in a single depthwise convolution
+    y = x.reshape(1, n * c, height, width)
+    for shape, pad in (((n * c, 1, 1, 2 * r + 1), (r, r, 0, 0)), ((n * c, 1, 2 * r + 1, 1), (0, 0, r, r))):
+        for _ in range(passes):
+            y = F.conv2d(F.pad(y, pad, mode="replicate"), taps.view(shape), groups=n * c)
+    return y.view(n, c, height, width)
+
+
+def solarize(x, threshold=0.5):
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, blur, p_solarize, solarize_threshold):
+    """A batch of uint8 images (N, 3, H, W) -> N independently augmented, normalised float views.
+
+    RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
+    (sigma 0.1-2; blur "kernel3": torchvision's GaussianBlur(3), "pil": PIL's GaussianBlur(radius=sigma)),
+    solarize, normalise: the per-image pipeline of the reference code, every random parameter drawn per view.
+    """
+    n, dev = images.shape[0], images.device
+    u = lambda lo, hi: torch.empty(n, device=dev).uniform_(lo, hi, generator=gen)
+    coin = lambda p: torch.rand(n, device=dev, generator=gen) < p
+    top, left, h, w = sample_crops(n, images.shape[2], images.shape[3], scale, ratio, gen)
+    x = resized_crop_flip(images.float().div_(255), top, left, h, w, coin(0.5), size)
+    # ColorJitter applies brightness, contrast, saturation and hue in a random order per view. The first
+    # three are linear and commute (up to clamping), so only where hue falls matters: the linear ops
+    # whose random position comes before hue's run before it, the others after.
+    apply = coin(p_jitter)
+    factors = [torch.where(apply, u(1 - j, 1 + j), 1.0) for j in jitter[:3]]
+    hue = torch.where(apply, u(-jitter[3], jitter[3]), 0.0)
+    order = torch.rand(n, 4, device=dev, generator=gen).argsort(1)  # position of each op in the order
+    for before in (True, False):
+        b, c, s = (torch.where((order[:, i] < order[:, 3]) == before, f, 1.0) for i, f in enumerate(factors))
+        x = adjust_saturation(adjust_contrast(adjust_brightness(x, b), c), s)
+        if before:
+            x = adjust_hue(x, hue)
+    x = torch.where(coin(p_gray).view(-1, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
+    sigma = u(0.1, 2.0)
+    x = torch.where(coin(p_blur).view(-1, 1, 1, 1), gaussian_blur(x, sigma) if blur == "kernel3" else pil_gaussian_blur(x, sigma), x)
+    x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x, solarize_threshold), x)
+    return normalize(x, mean, std)
+
+
+# The reference's transforms run on PIL images, so RandomSolarize(0.5) compares uint8 values 0..255 with 0.5 and
+# inverts every pixel >= 1: 1/255 here. RandomGrayscale() without p is torchvision's default p = 0.1.
+AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.1, p_blur=0.1,
+               blur="kernel3", p_solarize=0.2, solarize_threshold=1 / 255)
+
+
+def train_views(images, gen, mean, std, kind):
+    """uint8 images (N, 3, S, S) -> normalised float views for training the classifier. `ssl`: the pretraining
+    augmentation (as the reference), `crop-flip`: a random S x S crop of the image zero-padded by 4 px + flip (the
+    supervised CIFAR recipe), `none`: the images as they are."""
     n, size, dev = images.shape[0], images.shape[-1], images.device
+    if kind == "ssl":
+        return augment(images, gen, mean, std, size, **AUGMENT)
     x = images.float().div_(255)
-    if kind != "none":
-        if kind == "ssl":
-            top, left, h, w = sample_crops(n, size, size, (0.08, 1.0), (3 / 4, 4 / 3), gen)
-        else:  # integer shifts at scale 1 make grid_sample copy pixels exactly
-            x = F.pad(x, (4, 4, 4, 4))
-            top, left = (torch.randint(0, 9, (n,), device=dev, generator=gen).float() for _ in range(2))
-            h = w = torch.full((n,), float(size), device=dev)
+    if kind == "crop-flip":
+        # integer shifts at scale 1 make grid_sample copy pixels exactly
+        x = F.pad(x, (4, 4, 4, 4))
+        top, left = (torch.randint(0, 9, (n,), device=dev, generator=gen).float() for _ in range(2))
+        h = w = torch.full((n,), float(size), device=dev)
         x = resized_crop_flip(x, top, left, h, w, torch.rand(n, device=dev, generator=gen) < 0.5, size)
     return normalize(x, mean, std)
 
@@ -255,20 +375,24 @@ def cifar_resnet18():
 class Classifier(nn.Module):
     """The pretrained backbone and a linear layer; a frozen backbone runs without autograd."""
 
-    def __init__(self, num_classes, frozen):
+    def __init__(self, num_classes, frozen, frozen_bn="train"):
         super().__init__()
-        self.backbone, self.fc, self.frozen = cifar_resnet18(), nn.Linear(512, num_classes), frozen
+        self.backbone, self.fc = cifar_resnet18(), nn.Linear(512, num_classes)
+        self.frozen, self.frozen_eval = frozen, frozen and frozen_bn == "eval"
         self.backbone.requires_grad_(not frozen)
-        self.train()  # puts a frozen backbone in eval mode from the start
+        self.train()  # with --frozen-bn eval, puts a frozen backbone in eval mode from the start
 
     def forward(self, x):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             f = self.backbone(x)
         return self.fc(f)
 
-    def train(self, mode=True):  # a frozen backbone stays in eval mode: its BatchNorm statistics do not move
+    def train(self, mode=True):
+        # --frozen-bn eval: a frozen backbone stays in eval mode and its BatchNorm statistics never move. train (the
+        # reference's requires_grad=False alone): it normalises with batch statistics while the classifier trains and
+        # re-estimates its running statistics on the training views, which the test pass then uses.
         super().train(mode)
-        self.backbone.train(mode and not self.frozen)
+        self.backbone.train(mode and not self.frozen_eval)
         return self
 
 
@@ -340,6 +464,7 @@ def check_config(cfg):
     problems = [(not cfg.checkpoint, "--checkpoint is required (a last.pt / best.pt of mmcr_pretrain.py)"),
                 (cfg.finetune_type not in ("linear", "backbone+linear"), "--finetune-type must be linear or backbone+linear"),
                 (cfg.augment not in ("ssl", "crop-flip", "none"), "--augment must be ssl, crop-flip or none"),
+                (cfg.frozen_bn not in ("train", "eval"), "--frozen-bn must be train or eval"),
                 (cfg.backbone_lr_scale < 0 or cfg.weight_decay < 0, "--backbone-lr-scale and --weight-decay must be >= 0"),
                 (cfg.batch_size < 1, "--batch-size must be positive"),
                 (cfg.max_epochs < 1, "--max-epochs must be at least 1"),
@@ -407,7 +532,7 @@ def main(cfg):
 
     # model, optimizer, resume
     frozen = cfg.finetune_type == "linear"
-    model = Classifier(len(classes), frozen).to(device).to(memory_format=torch.channels_last)
+    model = Classifier(len(classes), frozen, cfg.frozen_bn).to(device).to(memory_format=torch.channels_last)
     model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in pretrained["model"].items() if k.startswith("backbone.")})
     groups = [{"params": model.fc.parameters(), "lr_scale": 1.0}]
     groups += [] if frozen else [{"params": model.backbone.parameters(), "lr_scale": cfg.backbone_lr_scale}]
@@ -433,7 +558,7 @@ def main(cfg):
 
     # the loaded backbone's kNN accuracy first: a wrong checkpoint shows at once. A frozen backbone without
     # augmentation always gives the same features, so the linear layer then trains on these, cached.
-    cached = frozen and cfg.augment == "none"
+    cached = frozen and cfg.augment == "none" and cfg.frozen_bn == "eval"
     with autocast:
         ftr, fte = extract_features(model.backbone, xtr, mean, std), extract_features(model.backbone, xte, mean, std)
     if master:
@@ -441,6 +566,9 @@ def main(cfg):
         print(f"loaded backbone of {cfg.checkpoint}: knn top1 {top1:.2f} top5 {top5:.2f} (k={cfg.num_neighbours}, T={cfg.temperature})")
         if cached:
             print("frozen backbone and --augment none: training the linear layer on cached features")
+        elif frozen and cfg.augment == "none":
+            print("--frozen-bn train: the backbone's BatchNorm statistics change with every batch, so its features are "
+                  "computed at every step, not cached (--frozen-bn eval caches them)")
     if not cached:
         del ftr, fte
     raw_model = model
@@ -489,7 +617,7 @@ def main(cfg):
             group["lr"] = lr * group["lr_scale"]
 
         idx = perm[i * cfg.batch_size + rank * local_batch: i * cfg.batch_size + (rank + 1) * local_batch]
-        inputs = ftr[idx] if cached else augment(xtr[idx], gen, mean, std, cfg.augment)
+        inputs = ftr[idx] if cached else train_views(xtr[idx], gen, mean, std, cfg.augment)
         with autocast:
             logits = head(inputs)
         loss = F.cross_entropy(logits.float(), ytr[idx])

@@ -58,6 +58,9 @@ class Config:
     warmup_duration: float = arg(0.1, "fraction of all steps spent in linear warm-up before the cosine decay")
     projection_dim: int = arg(128, "output dimension of the projector")
     lmbda: float = arg(0.0, "weight of the mean per-image nuclear norm (0 in the paper's CIFAR runs)")
+    grayscale_prob: float = arg(0.1, "probability of a grayscale view (0.1: the reference's RandomGrayscale(); 0.2: MMCR paper)")
+    solarize_threshold: float = arg(1 / 255, "solarize inverts pixels >= this, in [0, 1]: 1/255 is what the reference's "
+                                    "RandomSolarize(0.5) does to uint8 PIL images (a colour negative); 0.5 the textbook solarize")
     num_neighbours: int = arg(200, "k of the weighted kNN monitor")
     temperature: float = arg(0.5, "temperature of the weighted kNN monitor")
     eval_every: int = arg(1, "kNN evaluation every this many epochs (0: only after the last, always done)")
@@ -91,7 +94,9 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- data
 
-CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+# CIFAR-10's std is the reference's (0.2023, ...), widely copied from kuangliu/pytorch-cifar; the dataset's own
+# pixel std is (0.2470, 0.2435, 0.2616). The first convolution and its BatchNorm absorb the difference.
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
                "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 
 
@@ -260,16 +265,42 @@ def gaussian_blur(x, sigma):
     return k0 * p[..., :-2, :] + k1 * p[..., 1:-1, :] + k0 * p[..., 2:, :]
 
 
+def pil_gaussian_blur(x, sigma, max_sigma=2.0, passes=3):
+    """PIL's ImageFilter.GaussianBlur(radius=sigma) with a per-view sigma <= max_sigma.
+
+    Pillow (BoxBlur.c) blurs with `passes` box blurs along the rows, then as many along the columns,
+    each repeating the edge pixels. The box has radius l + a: l whole taps each side plus an outer
+    tap of weight a, chosen so that the passes have variance sigma^2 (Gwosdek et al. 2011, eqs. 7-14,
+    https://www.mia.uni-saarland.de/Publications/gwosdek-ssvm11.pdf). At sigma 2 the result spans
+    13 pixels, where torchvision's GaussianBlur(3) spans 3.
+    """
+    n, c, height, width = x.shape
+    var = (sigma.float() ** 2 / passes).view(-1, 1)
+    whole = ((torch.sqrt(12 * var + 1) - 1) / 2).floor()
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
+    # the widest box any sigma <= max_sigma needs, from the sigma alone: no host sync
+    r = math.floor((math.sqrt(12 * max_sigma ** 2 / passes + 1) - 1) / 2) + 1
+    offset = torch.arange(-r, r + 1, device=x.device).abs().view(1, -1)
+    taps = torch.where(offset <= whole, 1.0, torch.where(offset == whole + 1, frac, 0.0)) / (2 * whole + 1 + 2 * frac)
+    taps = taps.repeat_interleave(c, 0)
+    # one group per view and channel: each gets its own kernel in a single depthwise convolution
+    y = x.reshape(1, n * c, height, width)
+    for shape, pad in (((n * c, 1, 1, 2 * r + 1), (r, r, 0, 0)), ((n * c, 1, 2 * r + 1, 1), (0, 0, r, r))):
+        for _ in range(passes):
+            y = F.conv2d(F.pad(y, pad, mode="replicate"), taps.view(shape), groups=n * c)
+    return y.view(n, c, height, width)
+
+
 def solarize(x, threshold=0.5):
     return torch.where(x >= threshold, 1 - x, x)
 
 
-def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, p_solarize):
+def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, blur, p_solarize, solarize_threshold):
     """A batch of uint8 images (N, 3, H, W) -> N independently augmented, normalised float views.
 
     RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
-    (kernel 3, sigma 0.1-2), solarize (threshold 0.5), normalise: the per-image torchvision pipeline
-    of the reference code, with every random parameter drawn per view.
+    (sigma 0.1-2; blur "kernel3": torchvision's GaussianBlur(3), "pil": PIL's GaussianBlur(radius=sigma)),
+    solarize, normalise: the per-image pipeline of the reference code, every random parameter drawn per view.
     """
     n, dev = images.shape[0], images.device
     u = lambda lo, hi: torch.empty(n, device=dev).uniform_(lo, hi, generator=gen)
@@ -289,12 +320,16 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
         if before:
             x = adjust_hue(x, hue)
     x = torch.where(coin(p_gray).view(-1, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
-    x = gaussian_blur(x, torch.where(coin(p_blur), u(0.1, 2.0), 1e-3))  # sigma 1e-3: side taps are exactly 0
-    x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x), x)
+    sigma = u(0.1, 2.0)
+    x = torch.where(coin(p_blur).view(-1, 1, 1, 1), gaussian_blur(x, sigma) if blur == "kernel3" else pil_gaussian_blur(x, sigma), x)
+    x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x, solarize_threshold), x)
     return normalize(x, mean, std)
 
 
-AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.1, p_solarize=0.2)
+# The reference's transforms run on PIL images, so RandomSolarize(0.5) compares uint8 values 0..255 with 0.5 and
+# inverts every pixel >= 1: 1/255 here. RandomGrayscale() without p is torchvision's default p = 0.1.
+AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.1, p_blur=0.1,
+               blur="kernel3", p_solarize=0.2, solarize_threshold=1 / 255)
 
 
 @functools.lru_cache(maxsize=None)
@@ -308,6 +343,17 @@ def normalize(x, mean, std):
     m, s = channel_stats(tuple(mean), tuple(std), x.device)
     x = x.float().div_(255) if x.dtype == torch.uint8 else x
     return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+def save_views(images, views, mean, std, path, rows=8, columns=8):
+    """A PNG of the first `rows` images, each followed by its first `columns` views as the model gets them, un-normalised."""
+    m, s = channel_stats(tuple(mean), tuple(std), views.device)
+    rows, size = min(rows, len(images)), views.shape[-1]
+    per_image = len(views) // len(images)
+    shown = (views.float() * s + m).clamp(0, 1).view(len(images), per_image, 3, size, size)[:rows, :columns]
+    originals = F.interpolate(images[:rows].float() / 255, size=(size, size), mode="bilinear", antialias=True)
+    grid = torch.cat([originals[:, None], shown], 1).flatten(0, 1)
+    torchvision.utils.save_image(grid.cpu(), path, nrow=1 + shown.shape[1], padding=1)
 
 
 # ----------------------------------------------------------------------------- model
@@ -431,6 +477,7 @@ def check_config(cfg):
                 (cfg.learning_rate <= 0 or cfg.weight_decay < 0, "--learning-rate must be positive, --weight-decay >= 0"),
                 (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
                 (cfg.projection_dim < 1, "--projection-dim must be positive"),
+                (not 0 <= cfg.grayscale_prob <= 1 or not 0 <= cfg.solarize_threshold <= 1, "--grayscale-prob and --solarize-threshold must be in [0, 1]"),
                 (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
                 (cfg.eval_every < 0 or cfg.log_every < 1, "--eval-every must be >= 0 and --log-every >= 1"),
                 (cfg.image_size < 8, "--image-size must be at least 8"),
@@ -478,6 +525,7 @@ def main(cfg):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(xtr)} images)")
     xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
     local_batch, views_per_image = cfg.batch_size // world, cfg.num_views
+    aug = dict(AUGMENT, p_gray=cfg.grayscale_prob, solarize_threshold=cfg.solarize_threshold)
     steps_per_epoch = len(xtr) // cfg.batch_size  # the last partial batch is dropped
     total_steps = cfg.max_epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_duration * total_steps)
@@ -548,7 +596,9 @@ def main(cfg):
             group["lr"] = lr
 
         idx = perm[i * cfg.batch_size + rank * local_batch: i * cfg.batch_size + (rank + 1) * local_batch]
-        views = augment(xtr[idx].repeat_interleave(views_per_image, 0), gen, mean, std, cfg.image_size, **AUGMENT)
+        views = augment(xtr[idx].repeat_interleave(views_per_image, 0), gen, mean, std, cfg.image_size, **aug)
+        if step == 0 and master:  # what the augmentation does, for the eye
+            save_views(xtr[idx], views, mean, std, os.path.join(cfg.output_dir, "views.png"))
         with autocast:
             z = model(views)
         loss = mmcr_loss(z.view(local_batch, views_per_image, -1), cfg.lmbda)

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -237,7 +238,7 @@ def test_sample_crops_fallback_matches_torchvision(height, width):
         assert tuple(int(t[k]) for t in got) == tuple(expected)
 
 
-AUG = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.1, p_solarize=0.2)
+AUG = pretrain.AUGMENT
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
 
@@ -260,7 +261,8 @@ def test_augment_identity_settings(p_jitter):
     """Full-image crops, zero jitter, no grey / blur / solarize: every view is the normalised image or its mirror."""
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     out = pretrain.augment(images, torch.Generator().manual_seed(0), MEAN, STD, 32, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                           jitter=(0.0, 0.0, 0.0, 0.0), p_jitter=p_jitter, p_gray=0.0, p_blur=0.0, p_solarize=0.0)
+                           jitter=(0.0, 0.0, 0.0, 0.0), p_jitter=p_jitter, p_gray=0.0, p_blur=0.0, blur="kernel3", p_solarize=0.0,
+                           solarize_threshold=0.5)
     plain = pretrain.normalize(images, MEAN, STD)
     flipped = [not torch.allclose(out[i], plain[i], atol=1e-5) for i in range(16)]
     for i in range(16):
@@ -274,6 +276,100 @@ def test_augment_always_grey():
     pixels = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     torch.testing.assert_close(pixels[:, 0], pixels[:, 1], rtol=0, atol=1e-5)
     torch.testing.assert_close(pixels[:, 0], pixels[:, 2], rtol=0, atol=1e-5)
+
+
+def natural_images(n, size=32, seed=0):
+    """uint8 images that look like photographs to a blur: smooth shading, a few sharp-edged shapes, a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode="bicubic", align_corners=False)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n):
+        for _ in range(3):
+            cy, cx, r = (torch.randint(0, size, (3,), generator=g) // torch.tensor([1, 1, 3])).tolist()
+            coarse[i][:, (yy - cy) ** 2 + (xx - cx) ** 2 < (r + 2) ** 2] = torch.rand(3, 1, generator=g)
+    return ((coarse + 0.03 * torch.randn(coarse.shape, generator=g)).clamp(0, 1) * 255).round().byte()
+
+
+@pytest.mark.parametrize("threshold,reference", [
+    (1 / 255, lambda im: v2.RandomSolarize(0.5, p=1.0)(im)),  # the MMCR reference: RandomSolarize(0.5) on a PIL image
+    (128 / 255, lambda im: ImageOps.solarize(im)),  # the EMP-SSL reference: ImageOps.solarize's default threshold 128
+])
+def test_solarize_matches_the_reference_on_pil_images(threshold, reference):
+    images = natural_images(4)
+    for img in images:
+        expected = torch.from_numpy(np.array(reference(TF.to_pil_image(img)))).permute(2, 0, 1)
+        ours = pretrain.solarize(img.float() / 255, threshold) * 255
+        assert torch.equal(ours.round().byte(), expected)
+    # the MMCR reference's "solarize" is a colour negative: every pixel but pure black is inverted
+    assert (pretrain.solarize(images.float() / 255, 1 / 255) == 1 - images.float() / 255)[images > 0].all()
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.4, 0.7, 1.0, 1.3, 1.6, 2.0])
+def test_pil_blur_matches_pillow(sigma):
+    """The EMP-SSL references blur PIL images with ImageFilter.GaussianBlur(radius=sigma)."""
+    images = natural_images(16, seed=1)
+    expected = torch.stack([torch.from_numpy(np.array(TF.to_pil_image(x).filter(ImageFilter.GaussianBlur(sigma)))).permute(2, 0, 1)
+                            for x in images]).float()
+    ours = pretrain.pil_gaussian_blur(images.float() / 255, torch.full((16,), sigma)) * 255
+    per_image = (ours - expected).abs().mean((1, 2, 3))
+    assert per_image.max() <= 2.0, per_image  # Pillow rounds to uint8 after each of its 6 passes; we do not
+    if sigma >= 1.0:  # much wider than the 3x3 kernel: that one would miss Pillow's result by far more
+        narrow = (pretrain.gaussian_blur(images.float() / 255, torch.full((16,), sigma)) * 255 - expected).abs().mean((1, 2, 3))
+        assert narrow.mean() > 2 * per_image.mean()
+
+
+@pytest.mark.parametrize("module", [pretrain, empssl])
+def test_augment_probabilities(module):
+    """4,096 views of one colourful image: the fractions of grey and of solarized views are the recipe's p."""
+    n, aug = 4096, module.AUGMENT
+    image = natural_images(1, seed=2).expand(n, -1, -1, -1)
+    zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    views = module.augment(image, torch.Generator().manual_seed(0), zero, one, 32, **aug)
+    grey = (views[:, 0] == views[:, 1]).flatten(1).all(1) & (views[:, 0] == views[:, 2]).flatten(1).all(1)
+    # the same draws with a threshold no pixel reaches: the views that differ are exactly the solarized ones
+    plain = module.augment(image, torch.Generator().manual_seed(0), zero, one, 32, **dict(aug, solarize_threshold=2.0))
+    solarized = (views != plain).flatten(1).any(1)
+    for observed, p in ((grey.float().mean().item(), aug["p_gray"]), (solarized.float().mean().item(), aug["p_solarize"])):
+        assert abs(observed - p) < 4 * math.sqrt(p * (1 - p) / n), (observed, p)  # 4 standard errors
+
+
+def test_reference_recipes():
+    """The defaults that reproduce the reference implementations (see README, Fidelity)."""
+    assert pretrain.AUGMENT["p_gray"] == 0.1 and pretrain.AUGMENT["p_solarize"] == 0.2 and pretrain.AUGMENT["blur"] == "kernel3"
+    assert pretrain.AUGMENT["solarize_threshold"] == 1 / 255 and pretrain.Config().grayscale_prob == 0.1
+    assert empssl.AUGMENT["blur"] == "pil" and empssl.Config().blur == "pil"
+    assert finetune.AUGMENT == pretrain.AUGMENT and finetune.Config().augment == "ssl" and finetune.Config().frozen_bn == "train"
+    # CIFAR-10 normalised as the reference's Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)) after ToDtype(scale=True)
+    img = natural_images(1)[0]
+    reference = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))])
+    torch.testing.assert_close(pretrain.normalize(img[None], *pretrain.CIFAR_STATS["cifar10"])[0], reference(TF.to_pil_image(img)))
+    # --unscaled-inputs: the EMP-SSL reference's ToDtype without scale, then Normalize(0.5, 0.5)
+    unscaled = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32), v2.Normalize((0.5,) * 3, (0.5,) * 3)])
+    torch.testing.assert_close(pretrain.normalize(img[None], (0.5 / 255,) * 3, (0.5 / 255,) * 3)[0], unscaled(TF.to_pil_image(img)),
+                               rtol=1e-5, atol=1e-3)
+
+
+def test_finetune_ssl_views_are_the_pretraining_augmentation():
+    images = natural_images(6)
+    ours = finetune.train_views(images, torch.Generator().manual_seed(3), MEAN, STD, "ssl")
+    assert torch.equal(ours, pretrain.augment(images, torch.Generator().manual_seed(3), MEAN, STD, 32, **pretrain.AUGMENT))
+
+
+@pytest.mark.parametrize("frozen_bn", ["train", "eval"])
+def test_frozen_backbone_batchnorm(frozen_bn):
+    """--frozen-bn train: the frozen backbone re-estimates its BatchNorm statistics while the probe trains (the
+    reference); eval: they stay those of pretraining. The weights never change, and the test pass is in eval mode."""
+    model = finetune.Classifier(10, frozen=True, frozen_bn=frozen_bn)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model(torch.randn(8, 3, 32, 32) + 3)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert all(k.startswith("backbone.") and ("running_" in k or "num_batches" in k) for k in moved)
+    assert bool(moved) == (frozen_bn == "train")
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    model.eval()
+    assert not model.backbone.training
 
 
 # ----------------------------------------------------------------------------- data loading
@@ -409,8 +505,10 @@ def test_end_to_end(trained_run, image_folder):
     proc, out, data_dir = trained_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert sorted(f for f in os.listdir(out)) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert sorted(f for f in os.listdir(out)) == ["best.pt", "config.json", "last.pt", "metrics.jsonl", "views.png"]
     assert os.listdir(os.path.join(data_dir, "cache"))  # decoded ImageFolder cached under --data-dir
+    # 8 rows (the first images of the batch), each the image and its 4 views, 32 px with 1 px between
+    assert Image.open(os.path.join(out, "views.png")).size == (5 * 33 + 1, 8 * 33 + 1)
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["num_train"], config["num_test"], config["num_classes"], config["world_size"]) == (3 * TRAIN_PER_CLASS, 3 * TEST_PER_CLASS, 3, 1)
     assert config["steps_per_epoch"] == STEPS_PER_EPOCH and config["num_views"] == 4
@@ -680,11 +778,12 @@ def test_finetune_end_to_end(trained_run, image_folder, tmp_path, finetune_type)
     assert re.search(r"^done: best top1 [\d.]+ top5 [\d.]+", proc.stdout, re.M)
     before, after = backbone_of(load(os.path.join(pretrained, "best.pt"))["model"]), backbone_of(load(out / "last.pt")["model"])
     assert before.keys() == after.keys()
-    same = [torch.equal(before[k], after[k]) for k in before]
-    if finetune_type == "linear":  # weights and BatchNorm running statistics untouched
-        assert all(same)
+    same = {k: torch.equal(before[k], after[k]) for k in before}
+    statistics = {k for k in before if "running_" in k or "num_batches" in k}
+    if finetune_type == "linear":  # weights untouched; --frozen-bn train (default): BatchNorm statistics re-estimated
+        assert all(same[k] for k in before if k not in statistics) and not all(same[k] for k in statistics)
     else:
-        assert not all(same)
+        assert not all(same.values())
     assert load(out / "last.pt")["script"] == "mmcr_finetune"
 
 
@@ -697,7 +796,7 @@ def test_finetune_linear_probe_learns(trained_run, image_folder, tmp_path):
     shutil.copytree(os.path.join(image_folder, "train"), root / "test")
     out = tmp_path / "ft"
     proc = run_script(FINETUNE, ["--checkpoint", os.path.join(pretrained, "best.pt"), "--dataset", root, "--data-dir", tmp_path / "data",
-                                 "--output-dir", out, "--augment", "none", "--batch-size", 8, "--max-epochs", 60, "--learning-rate", 0.05,
+                                 "--output-dir", out, "--augment", "none", "--frozen-bn", "eval", "--batch-size", 8, "--max-epochs", 60, "--learning-rate", 0.05,
                                  "--warmup-duration", 0, "--eval-every", 10, "--num-neighbours", 5, "--device", "cpu"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training the linear layer on cached features" in proc.stdout
@@ -774,7 +873,7 @@ def test_finetune_crop_flip_copies_pixels():
     """crop-flip = a 4-px zero-padded random crop + flip: every view is a shifted (mirrored) copy of the image."""
     images = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
-    views = finetune.augment(images, gen, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "crop-flip") * 255
+    views = finetune.train_views(images, gen, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "crop-flip") * 255
     padded = torch.nn.functional.pad(images.float(), (4, 4, 4, 4))
     for v, p in zip(views, padded):
         crops = [p[:, t:t + 12, s:s + 12] for t in range(9) for s in range(9)]
@@ -831,7 +930,7 @@ def empssl_run(image_folder, tmp_path):
     proc = run_script(EMPSSL, ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir", out, *EMPSSL_TINY], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"knn top1 [\d.]+ top5 [\d.]+", proc.stdout)
-    assert sorted(os.listdir(out)) == ["best.pt", "config.json", "embeddings", "last.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["best.pt", "config.json", "embeddings", "last.pt", "metrics.jsonl", "views.png"]
     for split, n in (("train", 3 * TRAIN_PER_CLASS), ("test", 3 * TEST_PER_CLASS)):
         d = load(out / "embeddings" / f"{split}.pt")
         assert {"embeddings", "labels", "dim", "patches", "checkpoint", "dataset", "classes"} <= set(d)
@@ -961,6 +1060,7 @@ def test_linear_probe_learns_from_data_not_label_order(tmp_path, shuffle):
 def test_empssl_end_to_end_then_linear(image_folder, tmp_path):
     out = empssl_run(image_folder, tmp_path)
     assert [m["knn_top1"] is None for m in read_metrics(out)] == [True, False]  # --eval-every 0: evaluated after the last epoch only
+    assert Image.open(out / "views.png").size == (5 * 33 + 1, 8 * 33 + 1)  # 8 images x (image + 4 patches)
     proc = run_script(LINEAR, ["--dataset", out / "embeddings", "--output-dir", tmp_path / "lin", "--max-epochs", 3, "--batch-size", 8,
                                "--num-neighbours", 5, "--device", "cpu"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -1011,6 +1111,11 @@ def test_shared_blocks_are_the_same_code(module):
     if module is not empssl_linear:
         for name in ("load_image_folder", "load_dataset", "sample_crops", "resized_crop_flip", "cifar_resnet18", "normalize"):
             assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(pretrain, name)), name
+    if module is not empssl_linear:
+        for name in ("augment", "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "gaussian_blur",
+                     "pil_gaussian_blur", "solarize", "grayscale", "CIFAR_STATS"):
+            assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(pretrain, name)) if callable(getattr(module, name)) \
+                else getattr(module, name) == getattr(pretrain, name), name
     if module is empssl:
-        for name in ("augment", "adjust_hue", "gaussian_blur", "Gather", "gather", "grayscale"):
+        for name in ("Gather", "gather", "save_views"):
             assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(pretrain, name)), name
