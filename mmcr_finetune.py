@@ -2,15 +2,16 @@
 
 Reads a last.pt / best.pt of mmcr_pretrain.py (its config gives the image size, dataset and normalisation),
 prints the kNN accuracy of the loaded backbone, then trains a linear classifier on top: with the backbone
-frozen (`linear`, the standard protocol) or with everything trained (`backbone+linear`). With a frozen
-backbone and --augment none the features are computed once and the linear layer trains on them in seconds.
+frozen (`linear`, the standard protocol) or with everything trained (`backbone+linear`). As the reference, the
+classifier trains on the pretraining augmentation, and a frozen backbone re-estimates its BatchNorm statistics.
 
     python mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt                                    # linear probe
     python mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt --finetune-type backbone+linear
-    python mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt --augment none                     # cached features
+    python mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt --augment none --frozen-bn eval    # cached features
     torchrun --nproc_per_node 4 mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt
 
 Outputs in --output-dir: config.json, metrics.jsonl, last.pt (resumable), best.pt (best test top-1).
+Exit codes: 0 done, 2 bad input (one line on stderr), 3 training diverged, 128 + signal after Ctrl-C / SIGTERM.
 """
 import dataclasses
 import datetime
@@ -22,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +36,8 @@ from tqdm import tqdm
 
 from knn import knn_accuracy
 
-SCRIPT, RUNS = "mmcr_finetune", "runs/mmcr-finetune"  # checkpoints name the script that wrote them
+# checkpoints name the script that wrote them
+SCRIPT, RUNS = "mmcr_finetune", "runs/mmcr-finetune"
 
 # ----------------------------------------------------------------------------- config
 
@@ -45,11 +48,9 @@ def arg(default, help):
 
 @dataclass
 class Config:
+    # the method: edit these
     checkpoint: str = arg("", "required: a last.pt / best.pt written by mmcr_pretrain.py")
     dataset: str = arg("", "cifar10, cifar100, or an ImageFolder root (default: the checkpoint's dataset)")
-    data_dir: str = arg("./data", "where CIFAR is downloaded and decoded ImageFolders are cached")
-    output_dir: str = arg("", "run folder (default runs/mmcr-finetune/<timestamp>)")
-    resume: str = arg("", "a checkpoint of this script to resume from, or 'auto' for <output-dir>/last.pt if it exists")
     batch_size: int = arg(1024, "images per step over all GPUs")
     max_epochs: int = arg(50, "epochs of training")
     learning_rate: float = arg(0.01, "Adam peak learning rate of the classifier")
@@ -64,31 +65,19 @@ class Config:
     temperature: float = arg(0.5, "temperature of the kNN check of the loaded backbone")
     eval_every: int = arg(1, "test evaluation every this many epochs (0: only after the last, always done)")
     image_size: int = arg(0, "side of the square images (0: the checkpoint's)")
+    # the run: where, how, how often
+    data_dir: str = arg("./data", "where CIFAR is downloaded and decoded ImageFolders are cached")
+    output_dir: str = arg("", "run folder (default runs/mmcr-finetune/<timestamp>); one that holds a run needs --resume")
+    resume: str = arg("", "a checkpoint of this script to resume from, or 'auto' for <output-dir>/last.pt if it exists")
     limit_train: int = arg(0, "use a random subset of this many training images (0 = all)")
     limit_test: int = arg(0, "use a random subset of this many test images (0 = all)")
     device: str = arg("auto", "auto, cuda or cpu")
     precision: str = arg("auto", "auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
     compile: bool = arg(False, "torch.compile the model")
     log_every: int = arg(50, "steps between progress-bar updates (the only host syncs of the loop)")
+    checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch, at a log step, this long after the last save "
+                                    "(0: only at epoch ends)")
     seed: int = arg(42, "random seed")
-
-
-def parse_config(argv=None):
-    """argparse generated from the dataclass: --batch-size for batch_size, help from the field."""
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        name = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(name, type=kind, default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
-    return Config(**vars(parser.parse_args(argv)))
-
-
-class UserError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2, never a traceback."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -99,49 +88,6 @@ CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
                "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 
 
-def load_image_folder(root, image_size, cache_dir):
-    """Decode root/<class>/* once into uint8 (N, 3, S, S); cached by file list, sizes and mtimes."""
-    from PIL import Image
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    files, labels = [], []
-    for label, c in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-            for n in sorted(names):
-                if n.lower().endswith(IMG_EXTENSIONS):  # like torchvision's ImageFolder, skip non-images
-                    files.append(os.path.join(dirpath, n))
-                    labels.append(label)
-    if not files:
-        raise UserError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
-    present = set(labels)
-    empty = [c for i, c in enumerate(classes) if i not in present]
-    if empty:  # as torchvision's ImageFolder: a class without images is an error, not a silent extra output
-        raise UserError(f"no images in the class folders {[os.path.join(root, c) for c in empty][:5]}")
-    key = hashlib.sha1(repr((os.path.abspath(root), image_size, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, f"imagefolder-{key}.pt")
-    if os.path.exists(cache):
-        d = torch.load(cache, weights_only=True)
-        return d["images"], d["labels"], d["classes"]
-    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
-    for i, path in enumerate(tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1)):
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")  # grayscale, palette and RGBA all occur in the wild
-                if im.size != (image_size, image_size):  # shorter side to image_size, then centre crop
-                    s = image_size / min(im.size)
-                    w, h = max(image_size, round(im.size[0] * s)), max(image_size, round(im.size[1] * s))
-                    im = im.resize((w, h), Image.BICUBIC)
-                    left, top = (w - image_size) // 2, (h - image_size) // 2
-                    im = im.crop((left, top, left + image_size, top + image_size))
-                images[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3).permute(2, 0, 1)
-        except Exception as e:
-            raise UserError(f"cannot read image {path}: {e}")
-    labels = torch.tensor(labels, dtype=torch.long)
-    os.makedirs(cache_dir, exist_ok=True)
-    atomic_save({"images": images, "labels": labels, "classes": classes}, cache)
-    return images, labels, classes
-
-
 def load_dataset(cfg):
     """(train_images, train_labels, test_images, test_labels, classes, (mean, std)); images uint8 on CPU."""
     if cfg.dataset in ("cifar10", "cifar100"):
@@ -150,33 +96,42 @@ def load_dataset(cfg):
             train, test = (cls(cfg.data_dir, train=t, download=True) for t in (True, False))
         except Exception as e:
             raise UserError(f"could not load or download {cfg.dataset} into {cfg.data_dir} ({type(e).__name__}: {e}); "
-                            f"offline, put the python version of the archive from https://www.cs.toronto.edu/~kriz/cifar.html "
-                            f"into {cfg.data_dir}, or pass an ImageFolder root as --dataset")
+                            f"offline, put the python version of the archive from "
+                            f"https://www.cs.toronto.edu/~kriz/cifar.html into {cfg.data_dir}, or pass an ImageFolder root")
         split = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)) for d in (train, test)]
         classes, stats = train.classes, CIFAR_STATS[cfg.dataset]
         if cfg.image_size != 32:
-            split = [(F.interpolate(x.float(), size=cfg.image_size, mode="bicubic", antialias=True).round().clamp(0, 255).byte(), y) for x, y in split]
+            split = [(F.interpolate(x.float(), size=cfg.image_size, mode="bicubic", antialias=True).round().clamp(0, 255).byte(), y)
+                     for x, y in split]
     else:
         for s in ("train", "test"):
             if not os.path.isdir(os.path.join(cfg.dataset, s)):
-                raise UserError(f"--dataset {cfg.dataset}: no folder {os.path.join(cfg.dataset, s)} (expected cifar10, cifar100 or an ImageFolder root with train/ and test/)")
-        (xtr, ytr, classes), (xte, yte, test_classes) = (load_image_folder(os.path.join(cfg.dataset, s), cfg.image_size, os.path.join(cfg.data_dir, "cache")) for s in ("train", "test"))
+                raise UserError(f"--dataset {cfg.dataset}: no folder {os.path.join(cfg.dataset, s)} "
+                                f"(expected cifar10, cifar100 or an ImageFolder root with train/ and test/)")
+        cache = os.path.join(cfg.data_dir, "cache")
+        (xtr, ytr, classes), (xte, yte, test_classes) = (load_image_folder(os.path.join(cfg.dataset, s), cfg.image_size, cache)
+                                                         for s in ("train", "test"))
         if test_classes != classes:
-            raise UserError(f"--dataset {cfg.dataset}: train has classes {classes[:5]}... ({len(classes)}), test has {test_classes[:5]}... ({len(test_classes)})")
+            raise UserError(f"--dataset {cfg.dataset}: train has classes {classes[:5]}... ({len(classes)}), "
+                            f"test has {test_classes[:5]}... ({len(test_classes)})")
         split = [(xtr, ytr), (xte, yte)]
         # normalise an unknown dataset with its own training statistics, in chunks (no float copy of it all)
         n = xtr.shape[0] * xtr.shape[2] * xtr.shape[3]
         m1 = sum(c.double().sum((0, 2, 3)) for c in xtr.split(4096)) / (255 * n)
         m2 = sum(c.double().square().sum((0, 2, 3)) for c in xtr.split(4096)) / (255 ** 2 * n)
         stats = (tuple(m1.tolist()), tuple((m2 - m1 ** 2).sqrt().tolist()))
-    for i, limit in enumerate((cfg.limit_train, cfg.limit_test)):  # a fixed random subset keeps every class
+    # a fixed random subset keeps every class
+    for i, limit in enumerate((cfg.limit_train, cfg.limit_test)):
         if 0 < limit < len(split[i][0]):
             keep = torch.randperm(len(split[i][0]), generator=torch.Generator().manual_seed(0))[:limit]
             split[i] = (split[i][0][keep], split[i][1][keep])
     return split[0][0], split[0][1], split[1][0], split[1][1], list(classes), stats
 
 
-# GPU augmentation: the crop and flip of mmcr_pretrain.py, one grid_sample for the whole batch.
+# ----------------------------------------------------------------------------- augmentation
+# Every op takes a float batch (N, 3, H, W) in [0, 1] and per-view parameters, and matches
+# torchvision.transforms.v2.functional applied to one image with those parameters (the tests check each op).
+
 
 def sample_crops(n, height, width, scale, ratio, gen):
     """RandomResizedCrop.get_params for n views at once: (top, left, h, w) integer-valued float tensors."""
@@ -186,9 +141,11 @@ def sample_crops(n, height, width, scale, ratio, gen):
     aspect = torch.exp(torch.empty(n, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen))
     w, h = torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.float().argmax(1, keepdim=True)  # torchvision takes the first of 10 tries that fits
+    # torchvision takes the first of 10 tries that fits
+    first = ok.float().argmax(1, keepdim=True)
     w, h, ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)
-    in_ratio = width / height  # fallback when no try fits: the whole image, clamped to the ratio range
+    # when no try fits: the whole image, clamped to the ratio range
+    in_ratio = width / height
     fw = width if ratio[0] <= in_ratio <= ratio[1] else (width if in_ratio < ratio[0] else round(height * ratio[1]))
     fh = height if ratio[0] <= in_ratio <= ratio[1] else (round(width / ratio[0]) if in_ratio < ratio[0] else height)
     w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
@@ -216,7 +173,8 @@ def resized_crop_flip(x, top, left, h, w, flip, size):
 
 
 def grayscale(x):
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # ITU-R 601-2 luma, as torchvision
+    # ITU-R 601-2 luma, as torchvision
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
 def adjust_brightness(x, b):
@@ -255,7 +213,8 @@ def adjust_hue(x, hue):
 
 def gaussian_blur(x, sigma):
     """3x3 Gaussian blur with a per-view sigma, reflect padding (torchvision's gaussian_blur, kernel 3)."""
-    k = torch.exp(-0.5 / sigma.view(-1, 1, 1, 1) ** 2)  # weight of the two side taps; centre tap is 1
+    # weight of the two side taps; the centre tap is 1
+    k = torch.exp(-0.5 / sigma.view(-1, 1, 1, 1) ** 2)
     k0, k1 = k / (1 + 2 * k), 1 / (1 + 2 * k)
     p = F.pad(x, (1, 1, 0, 0), mode="reflect")
     x = k0 * p[..., :-2] + k1 * p[..., 1:-1] + k0 * p[..., 2:]
@@ -299,6 +258,11 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
     RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
     (sigma 0.1-2; blur "kernel3": torchvision's GaussianBlur(3), "pil": PIL's GaussianBlur(radius=sigma)),
     solarize, normalise: the per-image pipeline of the reference code, every random parameter drawn per view.
+
+    To add an op: draw its parameters for all N views from `gen` (u(lo, hi), coin(p)), compute it for every
+    view as batched tensor maths, and keep it where its coin came up: x = torch.where(coin(p).view(-1, 1, 1, 1),
+    op(x), x). No Python loop over views, no .item(): that keeps the GPU busy. This block is shared: copy an
+    edit to empssl_pretrain.py and mmcr_finetune.py too (test_shared_blocks_are_the_same_code fails otherwise).
     """
     n, dev = images.shape[0], images.device
     u = lambda lo, hi: torch.empty(n, device=dev).uniform_(lo, hi, generator=gen)
@@ -311,7 +275,8 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
     apply = coin(p_jitter)
     factors = [torch.where(apply, u(1 - j, 1 + j), 1.0) for j in jitter[:3]]
     hue = torch.where(apply, u(-jitter[3], jitter[3]), 0.0)
-    order = torch.rand(n, 4, device=dev, generator=gen).argsort(1)  # position of each op in the order
+    # the position of each op in the view's order
+    order = torch.rand(n, 4, device=dev, generator=gen).argsort(1)
     for before in (True, False):
         b, c, s = (torch.where((order[:, i] < order[:, 3]) == before, f, 1.0) for i, f in enumerate(factors))
         x = adjust_saturation(adjust_contrast(adjust_brightness(x, b), c), s)
@@ -319,7 +284,8 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
             x = adjust_hue(x, hue)
     x = torch.where(coin(p_gray).view(-1, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
     sigma = u(0.1, 2.0)
-    x = torch.where(coin(p_blur).view(-1, 1, 1, 1), gaussian_blur(x, sigma) if blur == "kernel3" else pil_gaussian_blur(x, sigma), x)
+    blurred = gaussian_blur(x, sigma) if blur == "kernel3" else pil_gaussian_blur(x, sigma)
+    x = torch.where(coin(p_blur).view(-1, 1, 1, 1), blurred, x)
     x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x, solarize_threshold), x)
     return normalize(x, mean, std)
 
@@ -328,6 +294,19 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
 # inverts every pixel >= 1: 1/255 here. RandomGrayscale() without p is torchvision's default p = 0.1.
 AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.1, p_blur=0.1,
                blur="kernel3", p_solarize=0.2, solarize_threshold=1 / 255)
+
+
+@functools.lru_cache(maxsize=None)
+def channel_stats(mean, std, device):
+    """mean and std as (1, 3, 1, 1) tensors on the device, made once: a host-to-device copy every step stalls the GPU."""
+    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+
+def normalize(x, mean, std):
+    """uint8 images or floats in [0, 1] -> standardised float views, channels_last."""
+    m, s = channel_stats(tuple(mean), tuple(std), x.device)
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x
+    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
 
 
 def train_views(images, gen, mean, std, kind):
@@ -345,19 +324,6 @@ def train_views(images, gen, mean, std, kind):
         h = w = torch.full((n,), float(size), device=dev)
         x = resized_crop_flip(x, top, left, h, w, torch.rand(n, device=dev, generator=gen) < 0.5, size)
     return normalize(x, mean, std)
-
-
-@functools.lru_cache(maxsize=None)
-def channel_stats(mean, std, device):
-    """mean and std as (1, 3, 1, 1) tensors on the device, made once: a host-to-device copy every step would stall the GPU queue."""
-    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
-
-
-def normalize(x, mean, std):
-    """uint8 images or floats in [0, 1] -> standardised float views, channels_last."""
-    m, s = channel_stats(tuple(mean), tuple(std), x.device)
-    x = x.float().div_(255) if x.dtype == torch.uint8 else x
-    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------- model
@@ -434,6 +400,376 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
     return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
 
+def main(cfg):
+    check_config(cfg)
+    ddp, rank, world, device, precision, autocast = setup(cfg)
+    master = rank == 0
+    cfg.output_dir = cfg.output_dir or os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
+    if not cfg.resume:
+        refuse_to_overwrite(cfg.output_dir)
+    pretrained = load_checkpoint(cfg.checkpoint, "mmcr_pretrain")
+    cfg.dataset = cfg.dataset or pretrained["config"]["dataset"]
+    cfg.image_size = cfg.image_size or pretrained["config"]["image_size"]
+    if cfg.image_size != pretrained["config"]["image_size"]:
+        raise UserError(f"--image-size {cfg.image_size} differs from the checkpoint's {pretrained['config']['image_size']}")
+
+    # data: each split once on the device as uint8, normalised as in pretraining
+    with rank_zero_first(ddp, master):
+        xtr, ytr, xte, yte, classes, _ = load_dataset(cfg)
+    mean, std = pretrained["mean"], pretrained["std"]
+    if len(classes) != len(pretrained["classes"]):
+        raise UserError(f"{cfg.checkpoint} was pretrained on a dataset with {len(pretrained['classes'])} classes "
+                        f"({pretrained['config']['dataset']}), but --dataset {cfg.dataset} has {len(classes)}")
+    if cfg.batch_size > len(xtr):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(xtr)} images)")
+    xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
+    local_batch = cfg.batch_size // world
+    # the last partial batch is dropped
+    steps_per_epoch = len(xtr) // cfg.batch_size
+    total_steps = cfg.max_epochs * steps_per_epoch
+    warmup_steps = int(cfg.warmup_duration * total_steps)
+
+    # model, optimizer, resume
+    frozen = cfg.finetune_type == "linear"
+    model = Classifier(len(classes), frozen, cfg.frozen_bn).to(device).to(memory_format=torch.channels_last)
+    backbone = {k[len("backbone."):]: v for k, v in pretrained["model"].items() if k.startswith("backbone.")}
+    model.backbone.load_state_dict(backbone)
+    groups = [{"params": model.fc.parameters(), "lr_scale": 1.0}]
+    groups += [] if frozen else [{"params": model.backbone.parameters(), "lr_scale": cfg.backbone_lr_scale}]
+    optimizer = torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    gen = torch.Generator(device)
+    ckpt = resume(cfg, model, optimizer, scaler, steps_per_epoch, master, "another --finetune-type or dataset?")
+    # the command line, not the checkpoint, sets the backbone's learning-rate scale
+    for group, fresh in zip(optimizer.param_groups, groups):
+        group["lr_scale"] = fresh["lr_scale"]
+    start_step, best, aug_states = (ckpt["step"], ckpt["best"], ckpt["aug_rng"]) if ckpt else (0, {"top1": -1.0, "top5": -1.0, "epoch": 0}, None)
+
+    # The loaded backbone's kNN accuracy first: a wrong checkpoint shows at once. A frozen backbone in eval mode
+    # without augmentation always gives the same features, so the linear layer then trains on these, cached.
+    cached = frozen and cfg.augment == "none" and cfg.frozen_bn == "eval"
+    with autocast:
+        ftr, fte = (extract_features(model.backbone, x, mean, std) for x in (xtr, xte))
+    if master:
+        top1, top5 = knn_accuracy(ftr, ytr, fte, yte, cfg.num_neighbours, cfg.temperature, len(classes))
+        print(f"loaded backbone of {cfg.checkpoint}: knn top1 {top1:.2f} top5 {top5:.2f} (k={cfg.num_neighbours}, T={cfg.temperature})")
+        if cached:
+            print("frozen backbone and --augment none: training the linear layer on cached features")
+        elif frozen and cfg.augment == "none":
+            print("--frozen-bn train: the backbone's BatchNorm statistics change with every batch, so its features are "
+                  "computed at every step, not cached (--frozen-bn eval caches them)")
+    if not cached:
+        del ftr, fte
+    raw_model = model
+    # what a training step runs: on cached features, the linear layer alone
+    model = model.fc if cached else model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if master:
+        write_run_info(cfg, world_size=world, device=str(device), precision_used=precision, num_train=len(xtr), num_test=len(xte),
+                       num_classes=len(classes), steps_per_epoch=steps_per_epoch, mean=mean, std=std)
+
+    def checkpoint(step):
+        """The state after `step` steps, with every rank's augmentation RNG so that a mid-epoch resume is exact."""
+        return {"script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
+                "aug_rng": rng_states(gen, ddp, world), "config": dataclasses.asdict(cfg), "classes": classes,
+                "mean": list(mean), "std": list(std), "pretrained": cfg.checkpoint}
+
+    control, t_start = RunControl(cfg.checkpoint_minutes, ddp, master, device), time.time()
+    for epoch in range(start_step // steps_per_epoch, cfg.max_epochs):
+        first = max(0, start_step - epoch * steps_per_epoch)
+        perm = epoch_order(len(xtr), cfg.seed, epoch, device)
+        seed_augmentation(gen, cfg.seed, epoch, rank, world, aug_states if first else None)
+        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", disable=not master,
+                   mininterval=1, leave=False)
+        loss_sum, t_epoch, stop = torch.zeros((), device=device), time.time(), False
+        for i in range(first, steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.learning_rate))
+            idx = perm[i * cfg.batch_size + rank * local_batch:][:local_batch]
+            inputs = ftr[idx] if cached else train_views(xtr[idx], gen, mean, std, cfg.augment)
+            with autocast:
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), ytr[idx])
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            bar.update()
+            if control.syncs_at(step + 1, cfg.log_every):
+                stop, save = control.poll(step + 1, loss, raw_model)
+                images_s = (i + 1 - first) * cfg.batch_size / (time.time() - t_epoch)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{images_s:.0f}")
+                # a stop or a timed save at an epoch's last step is left to the epoch end below
+                if (stop or save) and i + 1 < steps_per_epoch:
+                    control.save(checkpoint(step + 1), cfg.output_dir, "last.pt")
+                if stop:
+                    break
+        bar.close()
+
+        # end of epoch: test, metrics, checkpoints
+        if i + 1 == steps_per_epoch:
+            stop = control.poll(step + 1, loss, raw_model)[0] or stop
+            seconds = elapsed(t_epoch, device)
+            stats = {"epoch": epoch + 1, "step": step + 1, "train_loss": loss_sum.item() / (steps_per_epoch - first), "lr": lr,
+                     "test_loss": None, "top1": None, "top5": None, "epoch_seconds": round(seconds, 3),
+                     "images_per_second": round((steps_per_epoch - first) * cfg.batch_size / seconds, 1)}
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs:
+                # rank 0 tests while the others wait
+                if master:
+                    with autocast:
+                        test = evaluate(raw_model.fc, fte, yte) if cached else evaluate(raw_model, normalize(xte, mean, std), yte)
+                    stats["test_loss"], stats["top1"], stats["top5"] = test
+                if ddp:
+                    dist.barrier()
+            improved = master and stats["top1"] is not None and stats["top1"] > best["top1"]
+            if improved:
+                best = {"top1": stats["top1"], "top5": stats["top5"], "epoch": epoch + 1}
+            control.save(checkpoint(step + 1), cfg.output_dir, *(["best.pt"] if improved else []), "last.pt")
+            if master:
+                append_metrics(cfg.output_dir, stats)
+                test = f"test loss {stats['test_loss']:.4f} top1 {stats['top1']:.2f} top5 {stats['top5']:.2f}" if stats["top1"] is not None else "test -"
+                print(f"epoch {epoch + 1}/{cfg.max_epochs} step {step + 1} train loss {stats['train_loss']:.4f} lr {lr:.2e} {test} "
+                      f"{seconds:.1f}s {stats['images_per_second']:.0f} images/s", flush=True)
+        if stop:
+            control.interrupted(cfg.output_dir, step + 1)
+    if master:
+        print(f"done: best top1 {best['top1']:.2f} top5 {best['top5']:.2f} (epoch {best['epoch']}) "
+              f"in {time.time() - t_start:.1f}s; checkpoints in {cfg.output_dir}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2, never a traceback."""
+
+
+class Diverged(Exception):
+    """Non-finite weights: one line on stderr, exit code 3; last.pt and best.pt keep the last finite state."""
+
+    def __init__(self, step, loss):
+        super().__init__(f"training diverged at step {step}: the loss is {loss:.4g} and the weights are no longer finite; "
+                         f"last.pt and best.pt keep the last finite state. Try a lower --learning-rate, or --precision bf16 "
+                         f"or fp32 if this ran in fp16")
+
+
+def check_config(cfg):
+    problems = [(not cfg.checkpoint, "--checkpoint is required (a last.pt / best.pt of mmcr_pretrain.py)"),
+                (cfg.finetune_type not in ("linear", "backbone+linear"), "--finetune-type must be linear or backbone+linear"),
+                (cfg.augment not in ("ssl", "crop-flip", "none"), "--augment must be ssl, crop-flip or none"),
+                (cfg.frozen_bn not in ("train", "eval"), "--frozen-bn must be train or eval"),
+                (cfg.backbone_lr_scale < 0 or cfg.weight_decay < 0, "--backbone-lr-scale and --weight-decay must be >= 0"),
+                (cfg.batch_size < 1, "--batch-size must be positive"),
+                (cfg.max_epochs < 1, "--max-epochs must be at least 1"),
+                (cfg.learning_rate <= 0, "--learning-rate must be positive"),
+                (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
+                (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
+                (cfg.eval_every < 0 or cfg.log_every < 1, "--eval-every must be >= 0 and --log-every >= 1"),
+                (cfg.image_size != 0 and cfg.image_size < 8, "--image-size must be at least 8"),
+                (cfg.limit_train < 0 or cfg.limit_test < 0, "--limit-train and --limit-test must be >= 0"),
+                (cfg.checkpoint_minutes < 0, "--checkpoint-minutes must be >= 0"),
+                (cfg.device not in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu"),
+                (cfg.precision not in ("auto", "bf16", "fp16", "fp32"), "--precision must be auto, bf16, fp16 or fp32"),
+                (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda but no GPU is available")]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+
+
+def parse_config(argv=None):
+    """argparse generated from the dataclass: --batch-size for batch_size, help from the field."""
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(name, type=kind, default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def setup(cfg):
+    """(ddp, rank, world, device, precision, autocast). DDP when torchrun set RANK: one process per GPU (NCCL) or per
+    CPU process (gloo); otherwise one process. bf16 where the GPU has it (compute capability 8+), fp16 before, fp32 on CPU."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+        # rank 0 evaluates (and decodes a new ImageFolder) while the others wait: allow that more than 10 minutes
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "fp32" if device.type == "cpu" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    autocast = torch.autocast(device.type, dtype=ptdtype, enabled=precision != "fp32")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+    return ddp, rank, world, device, precision, autocast
+
+
+@contextmanager
+def rank_zero_first(ddp, master):
+    """Rank 0 runs the block first (a download, a decoding to cache), then the other ranks (which read the cache)."""
+    if ddp and not master:
+        dist.barrier()
+    yield
+    if ddp and master:
+        dist.barrier()
+
+
+def refuse_to_overwrite(output_dir):
+    """Without --resume, a folder that already holds a run is an error, and nothing in it is touched."""
+    found = [f for f in ("config.json", "metrics.jsonl", "last.pt", "best.pt") if os.path.exists(os.path.join(output_dir, f))]
+    if found:
+        raise UserError(f"--output-dir {output_dir} already holds a run ({', '.join(found)}): pass --resume auto to continue "
+                        f"it, or choose another --output-dir")
+
+
+def resume(cfg, model, optimizer, scaler, steps_per_epoch, master, hint):
+    """Load --resume (auto: <output-dir>/last.pt if there is one) into model, optimizer and scaler; the checkpoint or None.
+
+    The command line, not the checkpoint, sets the recipe (a longer --max-epochs extends a run). metrics.jsonl keeps
+    only the lines up to the checkpoint's step, so that a run resumed from an older checkpoint never repeats an epoch.
+    """
+    path = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
+    if not path or (cfg.resume == "auto" and not os.path.exists(path)):
+        return None
+    ckpt = load_checkpoint(path, SCRIPT)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        problem = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
+        raise UserError(f"{path} does not fit this run ({hint}): {problem[:200]}")
+    for group in optimizer.param_groups:
+        group["weight_decay"] = cfg.weight_decay
+    # fp16 both then and now
+    if scaler.is_enabled() and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    if master:
+        print(f"resumed from {path} at step {ckpt['step']} (epoch {ckpt['step'] / steps_per_epoch:.2f})")
+        metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= ckpt["step"]]
+            with open(metrics + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(metrics + ".tmp", metrics)
+    return ckpt
+
+
+def write_run_info(cfg, **derived):
+    """config.json: every flag and what was derived from them (also printed)."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    info = dict(dataclasses.asdict(cfg), **derived)
+    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(json.dumps(info))
+
+
+def append_metrics(output_dir, stats):
+    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+
+
+class RunControl:
+    """What the loop decides at its host syncs, the log steps: stop after Ctrl-C / SIGTERM, save last.pt every
+    --checkpoint-minutes, stop with exit code 3 once the weights are not finite. DDP ranks decide together."""
+
+    def __init__(self, checkpoint_minutes, ddp, master, device):
+        self.minutes, self.ddp, self.master, self.device = checkpoint_minutes, ddp, master, device
+        self.signals, self.saved_at = [], time.time()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda signum, frame: self.signals.append(signum))
+
+    def syncs_at(self, step, log_every):
+        # one process stops at the step after a signal; DDP ranks can only agree at log steps
+        return step % log_every == 0 or (bool(self.signals) and not self.ddp)
+
+    def poll(self, step, loss, model):
+        """(stop, save) at a sync step; Diverged if the weights are not finite (the sum of all weights is not)."""
+        timed = self.master and self.minutes > 0 and time.time() - self.saved_at >= 60 * self.minutes
+        weights = sum(p.detach().float().sum() for p in model.parameters())
+        flags = torch.cat([torch.tensor([len(self.signals), timed], dtype=torch.float, device=self.device),
+                           (~torch.isfinite(weights)).float().view(1)])
+        if self.ddp:
+            dist.all_reduce(flags)
+        stop, save, diverged = (flags > 0).tolist()
+        if diverged:
+            raise Diverged(step, loss.item())
+        return stop, save
+
+    def save(self, ckpt, output_dir, *names):
+        """Write ckpt as each of names (rank 0; every rank must build ckpt, a collective under DDP)."""
+        if self.master:
+            for name in names:
+                atomic_save(ckpt, os.path.join(output_dir, name))
+        self.saved_at = time.time()
+
+    def interrupted(self, output_dir, step):
+        if self.master:
+            print(f"interrupted: saved {os.path.join(output_dir, 'last.pt')} at step {step}; continue with --resume auto "
+                  f"--output-dir {output_dir}", file=sys.stderr)
+        if self.ddp:
+            dist.destroy_process_group()
+        sys.exit(128 + (self.signals[0] if self.signals else signal.SIGTERM))
+
+
+def epoch_order(n, seed, epoch, device):
+    """The epoch's order of the training set: a pure function of (seed, epoch), so a resumed run sees the same."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(device)
+
+
+def seed_augmentation(gen, seed, epoch, rank, world, saved=None):
+    """The augmentation RNG at an epoch's start: a pure function of (seed, epoch, rank). A mid-epoch resume restores
+    the state saved in the checkpoint instead, if it came from as many ranks on the same kind of device."""
+    if saved is not None and len(saved) == world and saved[rank].numel() == gen.get_state().numel():
+        gen.set_state(saved[rank])
+    else:
+        gen.manual_seed(seed * 100003 + epoch * 1009 + rank)
+
+
+def rng_states(gen, ddp, world):
+    """Every rank's generator state, for the checkpoint (a collective under DDP)."""
+    states = [gen.get_state().cpu()]
+    if ddp:
+        states = [None] * world
+        dist.all_gather_object(states, gen.get_state().cpu())
+    return states
+
+
+def set_lr(optimizer, lr):
+    """Write lr into every param group (times its lr_scale, if it has one); returns lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def elapsed(t, device):
+    """Seconds since t, once the queued GPU work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.time() - t
+
+
 def atomic_save(obj, path):
     """torch.save to a temp file, then os.replace: a kill during saving never leaves a corrupt file."""
     tmp = path + ".tmp"
@@ -460,230 +796,65 @@ def load_checkpoint(path, script):
     return ckpt
 
 
-def check_config(cfg):
-    problems = [(not cfg.checkpoint, "--checkpoint is required (a last.pt / best.pt of mmcr_pretrain.py)"),
-                (cfg.finetune_type not in ("linear", "backbone+linear"), "--finetune-type must be linear or backbone+linear"),
-                (cfg.augment not in ("ssl", "crop-flip", "none"), "--augment must be ssl, crop-flip or none"),
-                (cfg.frozen_bn not in ("train", "eval"), "--frozen-bn must be train or eval"),
-                (cfg.backbone_lr_scale < 0 or cfg.weight_decay < 0, "--backbone-lr-scale and --weight-decay must be >= 0"),
-                (cfg.batch_size < 1, "--batch-size must be positive"),
-                (cfg.max_epochs < 1, "--max-epochs must be at least 1"),
-                (cfg.learning_rate <= 0, "--learning-rate must be positive"),
-                (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
-                (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
-                (cfg.eval_every < 0 or cfg.log_every < 1, "--eval-every must be >= 0 and --log-every >= 1"),
-                (cfg.image_size != 0 and cfg.image_size < 8, "--image-size must be at least 8"),
-                (cfg.limit_train < 0 or cfg.limit_test < 0, "--limit-train and --limit-test must be >= 0"),
-                (cfg.device not in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu"),
-                (cfg.precision not in ("auto", "bf16", "fp16", "fp32"), "--precision must be auto, bf16, fp16 or fp32"),
-                (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda but no GPU is available")]
-    for bad, message in problems:
-        if bad:
-            raise UserError(message)
-
-
-def main(cfg):
-    check_config(cfg)
-    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
-    if ddp:
-        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-        # rank 0 evaluates (and decodes a new ImageFolder) while the others wait: allow that more than 10 minutes
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    master = rank == 0
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    precision = cfg.precision if cfg.precision != "auto" else ("fp32" if device.type == "cpu" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
-    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    autocast = torch.autocast(device.type, dtype=ptdtype, enabled=precision != "fp32")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    torch.manual_seed(cfg.seed)
-    cfg.output_dir = cfg.output_dir or os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
-    pretrained = load_checkpoint(cfg.checkpoint, "mmcr_pretrain")
-    cfg.dataset = cfg.dataset or pretrained["config"]["dataset"]
-    cfg.image_size = cfg.image_size or pretrained["config"]["image_size"]
-    if cfg.image_size != pretrained["config"]["image_size"]:
-        raise UserError(f"--image-size {cfg.image_size} differs from the checkpoint's {pretrained['config']['image_size']}")
-
-    # data: each split once on the device as uint8, normalised as in pretraining
-    if ddp and not master:
-        dist.barrier()  # rank 0 downloads / decodes / caches first
-    xtr, ytr, xte, yte, classes, _ = load_dataset(cfg)
-    if ddp and master:
-        dist.barrier()
-    mean, std = pretrained["mean"], pretrained["std"]
-    if len(classes) != len(pretrained["classes"]):
-        raise UserError(f"{cfg.checkpoint} was pretrained on a dataset with {len(pretrained['classes'])} classes "
-                        f"({pretrained['config']['dataset']}), but --dataset {cfg.dataset} has {len(classes)}")
-    if cfg.batch_size > len(xtr):
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(xtr)} images)")
-    xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
-    local_batch = cfg.batch_size // world
-    steps_per_epoch = len(xtr) // cfg.batch_size  # the last partial batch is dropped
-    total_steps = cfg.max_epochs * steps_per_epoch
-    warmup_steps = int(cfg.warmup_duration * total_steps)
-
-    # model, optimizer, resume
-    frozen = cfg.finetune_type == "linear"
-    model = Classifier(len(classes), frozen, cfg.frozen_bn).to(device).to(memory_format=torch.channels_last)
-    model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in pretrained["model"].items() if k.startswith("backbone.")})
-    groups = [{"params": model.fc.parameters(), "lr_scale": 1.0}]
-    groups += [] if frozen else [{"params": model.backbone.parameters(), "lr_scale": cfg.backbone_lr_scale}]
-    optimizer = torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    gen = torch.Generator(device)
-    start_step, best, aug_states = 0, {"top1": -1.0, "top5": -1.0, "epoch": 0}, None
-    resume = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
-    if resume and (cfg.resume != "auto" or os.path.exists(resume)):
-        ckpt = load_checkpoint(resume, SCRIPT)
+def load_image_folder(root, image_size, cache_dir):
+    """Decode root/<class>/* once into uint8 (N, 3, S, S); cached by file list, sizes and mtimes."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+            for n in sorted(names):
+                if n.lower().endswith(IMG_EXTENSIONS):  # like torchvision's ImageFolder, skip non-images
+                    files.append(os.path.join(dirpath, n))
+                    labels.append(label)
+    if not files:
+        raise UserError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
+    present = set(labels)
+    empty = [c for i, c in enumerate(classes) if i not in present]
+    if empty:  # as torchvision's ImageFolder: a class without images is an error, not a silent extra output
+        raise UserError(f"no images in the class folders {[os.path.join(root, c) for c in empty][:5]}")
+    key = hashlib.sha1(repr((os.path.abspath(root), image_size, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])).encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, f"imagefolder-{key}.pt")
+    if os.path.exists(cache):
+        # a cache must never break a run: one that is truncated, corrupt or stale is decoded again
         try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError) as e:
-            raise UserError(f"{resume} does not fit this run (another --finetune-type or dataset?): {str(e).splitlines()[-1].strip()[:200]}")
-        for group, fresh in zip(optimizer.param_groups, groups):  # the command line, not the checkpoint, sets the recipe
-            group["weight_decay"], group["lr_scale"] = cfg.weight_decay, fresh["lr_scale"]
-        if scaler.is_enabled() and ckpt["scaler"]:  # fp16 both then and now
-            scaler.load_state_dict(ckpt["scaler"])
-        start_step, best, aug_states = ckpt["step"], ckpt["best"], ckpt["aug_rng"]
-        if master:
-            print(f"resumed from {resume} at step {start_step} (epoch {start_step / steps_per_epoch:.2f})")
-
-    # the loaded backbone's kNN accuracy first: a wrong checkpoint shows at once. A frozen backbone without
-    # augmentation always gives the same features, so the linear layer then trains on these, cached.
-    cached = frozen and cfg.augment == "none" and cfg.frozen_bn == "eval"
-    with autocast:
-        ftr, fte = extract_features(model.backbone, xtr, mean, std), extract_features(model.backbone, xte, mean, std)
-    if master:
-        top1, top5 = knn_accuracy(ftr, ytr, fte, yte, cfg.num_neighbours, cfg.temperature, len(classes))
-        print(f"loaded backbone of {cfg.checkpoint}: knn top1 {top1:.2f} top5 {top5:.2f} (k={cfg.num_neighbours}, T={cfg.temperature})")
-        if cached:
-            print("frozen backbone and --augment none: training the linear layer on cached features")
-        elif frozen and cfg.augment == "none":
-            print("--frozen-bn train: the backbone's BatchNorm statistics change with every batch, so its features are "
-                  "computed at every step, not cached (--frozen-bn eval caches them)")
-    if not cached:
-        del ftr, fte
-    raw_model = model
-    head = model.fc if cached else model  # what a training step runs: on cached features, the linear layer alone
-    if cfg.compile:
-        head = torch.compile(head)
-    if ddp:
-        head = DDP(head, device_ids=[device.index] if device.type == "cuda" else None)
-
-    if master:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        run_info = dict(dataclasses.asdict(cfg), world_size=world, device=str(device), precision_used=precision, num_train=len(xtr),
-                        num_test=len(xte), num_classes=len(classes), steps_per_epoch=steps_per_epoch, mean=mean, std=std)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(run_info, f, indent=2)
-        print(json.dumps(run_info))
-
-    def checkpoint(step):
-        """The state after `step` steps; every rank's augmentation RNG so a mid-epoch resume is exact."""
-        states = [gen.get_state().cpu()]
-        if ddp:
-            states = [None] * world
-            dist.all_gather_object(states, gen.get_state().cpu())
-        return {"script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "epoch": step // steps_per_epoch, "best": best, "aug_rng": states, "config": dataclasses.asdict(cfg),
-                "classes": classes, "mean": list(mean), "std": list(std), "pretrained": cfg.checkpoint}
-
-    stop = []  # Ctrl-C / SIGTERM: finish the step, save last.pt, exit
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda signum, frame: stop.append(signum))
-
-    t_start, step = time.time(), start_step
-    for step in range(start_step, total_steps):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == start_step:  # the epoch's order is a pure function of (seed, epoch): resumable
-            perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).to(device)
-            if (aug_states is not None and step == start_step and i != 0 and len(aug_states) == world
-                    and aug_states[rank].numel() == gen.get_state().numel()):  # saved on the same kind of device
-                gen.set_state(aug_states[rank])  # exact mid-epoch resume
-            else:
-                gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
-            bar = tqdm(total=steps_per_epoch, initial=i, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", disable=not master, mininterval=1, leave=False)
-            loss_sum, t_epoch, steps_done = torch.zeros((), device=device), time.time(), 0
-        lr = lr_at(step, total_steps, warmup_steps, cfg.learning_rate)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-
-        idx = perm[i * cfg.batch_size + rank * local_batch: i * cfg.batch_size + (rank + 1) * local_batch]
-        inputs = ftr[idx] if cached else train_views(xtr[idx], gen, mean, std, cfg.augment)
-        with autocast:
-            logits = head(inputs)
-        loss = F.cross_entropy(logits.float(), ytr[idx])
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        steps_done += 1
-        bar.update()
-
-        stopping = bool(stop) and not ddp
-        if (step + 1) % cfg.log_every == 0:  # the only host sync inside an epoch
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{steps_done * cfg.batch_size / (time.time() - t_epoch):.0f}")
-            if ddp:  # every rank must agree to stop at the same step: decide on the reduced flag only
-                flag = torch.tensor(float(len(stop)), device=device)
-                dist.all_reduce(flag)
-                stopping = flag.item() > 0
-        if stopping and i + 1 < steps_per_epoch:  # at an epoch's last step the epoch end below evaluates and saves first
-            ckpt = checkpoint(step + 1)  # a collective under DDP: every rank takes part
-            if master:
-                atomic_save(ckpt, os.path.join(cfg.output_dir, "last.pt"))
-
-        if i + 1 == steps_per_epoch:  # end of epoch: test, metrics, checkpoints
-            bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.time() - t_epoch
-            stats = {"epoch": epoch + 1, "step": step + 1, "train_loss": loss_sum.item() / steps_done, "lr": lr, "test_loss": None, "top1": None,
-                     "top5": None, "epoch_seconds": round(seconds, 3), "images_per_second": round(steps_done * cfg.batch_size / seconds, 1)}
-            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs:
-                if master:
-                    with autocast:
-                        stats["test_loss"], stats["top1"], stats["top5"] = (evaluate(raw_model.fc, fte, yte) if cached else
-                                                                            evaluate(raw_model, normalize(xte, mean, std), yte))
-                if ddp:
-                    dist.barrier()
-            ckpt = checkpoint(step + 1)
-            if master:
-                if stats["top1"] is not None and stats["top1"] > best["top1"]:
-                    best = ckpt["best"] = {"top1": stats["top1"], "top5": stats["top5"], "epoch": epoch + 1}
-                    atomic_save(ckpt, os.path.join(cfg.output_dir, "best.pt"))
-                atomic_save(ckpt, os.path.join(cfg.output_dir, "last.pt"))
-                with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(stats) + "\n")
-                test = f"test loss {stats['test_loss']:.4f} top1 {stats['top1']:.2f} top5 {stats['top5']:.2f}" if stats["top1"] is not None else "test -"
-                print(f"epoch {epoch + 1}/{cfg.max_epochs} step {step + 1} train loss {stats['train_loss']:.4f} lr {lr:.2e} {test} "
-                      f"{seconds:.1f}s {stats['images_per_second']:.0f} images/s", flush=True)
-        if stopping:  # Ctrl-C / SIGTERM: last.pt holds this step
-            bar.close()
-            if master:
-                print(f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} at step {step + 1}; continue with --resume auto --output-dir {cfg.output_dir}", file=sys.stderr)
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(128 + (stop[0] if stop else signal.SIGTERM))
-    if master:
-        print(f"done: best top1 {best['top1']:.2f} top5 {best['top5']:.2f} (epoch {best['epoch']}) "
-              f"in {time.time() - t_start:.1f}s; checkpoints in {cfg.output_dir}")
-    if ddp:
-        dist.destroy_process_group()
+            d = torch.load(cache, weights_only=True)
+            if d["images"].shape == (len(files), 3, image_size, image_size) and d["labels"].tolist() == labels:
+                return d["images"], d["labels"], d["classes"]
+            problem = "it does not match the image folder"
+        except Exception as e:
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}"
+        print(f"warning: cannot use the cached decoded images {cache} ({problem}); removing it and decoding again", file=sys.stderr)
+        os.remove(cache)
+    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    for i, path in enumerate(tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1)):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")  # grayscale, palette and RGBA all occur in the wild
+                if im.size != (image_size, image_size):  # shorter side to image_size, then centre crop
+                    s = image_size / min(im.size)
+                    w, h = max(image_size, round(im.size[0] * s)), max(image_size, round(im.size[1] * s))
+                    im = im.resize((w, h), Image.BICUBIC)
+                    left, top = (w - image_size) // 2, (h - image_size) // 2
+                    im = im.crop((left, top, left + image_size, top + image_size))
+                images[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3).permute(2, 0, 1)
+        except Exception as e:
+            raise UserError(f"cannot read image {path}: {e}")
+    labels = torch.tensor(labels, dtype=torch.long)
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_save({"images": images, "labels": labels, "classes": classes}, cache)
+    return images, labels, classes
 
 
 if __name__ == "__main__":
     cfg = parse_config()
     try:
         main(cfg)
-    except (UserError, OSError) as e:  # OSError: an unwritable --output-dir or --data-dir, a full disk
+    # OSError: an unwritable --output-dir or --data-dir, a full disk
+    except (UserError, OSError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(3)
