@@ -37,7 +37,8 @@ def timeit(fn, steps, warmup, device):
     """Mean seconds per call of fn(), after `warmup` untimed calls (compilation, cudnn autotune, caches)."""
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":  # kernels run asynchronously: time on the stream with events
+    # kernels run asynchronously: time on the stream with events
+    if device.type == "cuda":
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -62,7 +63,8 @@ def peak_memory(device):
     """GPU: peak allocated by torch since reset_peak. CPU: the whole process's peak RSS so far (it never resets)."""
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS
+    # ru_maxrss is in bytes on macOS, KiB elsewhere
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
     return f"{kib / 1024:.0f} MiB process RSS"
 
 
@@ -104,15 +106,18 @@ def step_rows(name, make_step, inputs, views, args, device, shape):
     shape = f"on {device.type}, {shape}, {args.precision}{', compiled' if args.compile else ''}"
     share = 100 * (t_step - t_fixed) / t_step
     return [row(name, views, t_step, mem_step, shape),
-            row("  the same step on fixed views", views, t_fixed, mem_step, f"augmentation's share of the step: {share:.1f}%"),
-            row("  augmentation alone", views, t_aug, peak_memory(device), f"{100 * t_aug / t_step:.1f}% of the step's time")]
+            row("  the same step on fixed views", views, t_fixed, mem_step,
+                f"augmentation's share of the step: {share:.1f}%"),
+            row("  augmentation alone", views, t_aug, peak_memory(device),
+                f"{100 * t_aug / t_step:.1f}% of the step's time")]
 
 
 def bench_mmcr_step(args, device):
     """One MMCR training step as in mmcr_pretrain.main, and augmentation alone for the same views."""
     b, v = args.batch_size, args.num_views
     gen = torch.Generator(device).manual_seed(0)
-    pool = torch.randint(0, 256, (max(1024, b), 3, 32, 32), dtype=torch.uint8, device=device)  # stands in for the dataset
+    # stands in for the dataset
+    pool = torch.randint(0, 256, (max(1024, b), 3, 32, 32), dtype=torch.uint8, device=device)
     model = mmcr_pretrain.MMCRModel(128).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-6, fused=device.type == "cuda")
 
@@ -141,7 +146,8 @@ def per_image_pipeline():
     As in the reference, every transform before ToImage runs on the PIL image: solarize compares uint8
     values with the threshold (255 x ours, which is in [0, 1] units).
     """
-    a = AUG  # the same numbers as the batched pipeline
+    # the same numbers as the batched pipeline
+    a = AUG
     return v2.Compose([
         v2.RandomResizedCrop(a["size"], scale=a["scale"], ratio=a["ratio"]),
         v2.RandomHorizontalFlip(),
@@ -194,7 +200,8 @@ def bench_reference_loader(args, device):
     # enough images for every warm-up and timed batch within one pass of the loader
     n = max(4096, (args.loader_workers + args.loader_batches + 1) * b)
     pil = [v2.functional.to_pil_image(x) for x in torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)]
-    loader = torch.utils.data.DataLoader(MultiViewImages(pil, v, per_image_pipeline()), batch_size=b, shuffle=True, drop_last=True,
+    loader = torch.utils.data.DataLoader(MultiViewImages(pil, v, per_image_pipeline()), batch_size=b, shuffle=True,
+                                         drop_last=True,
                                          num_workers=args.loader_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.loader_workers > 0)
     batches = iter(loader)
@@ -226,7 +233,8 @@ def bench_empssl_step(args, device):
 
     def patches():
         idx = torch.randint(len(pool), (b,), device=device, generator=gen)
-        return empssl_pretrain.augment(pool[idx].repeat_interleave(p, 0), gen, (0.5,) * 3, (0.5,) * 3, 32, **empssl_pretrain.AUGMENT)
+        half, aug = (0.5,) * 3, empssl_pretrain.AUGMENT
+        return empssl_pretrain.augment(pool[idx].repeat_interleave(p, 0), gen, half, half, 32, **aug)
 
     def loss_fn(out):
         z = out[1].view(b, p, -1)
@@ -234,17 +242,19 @@ def bench_empssl_step(args, device):
 
     def make_step(inputs):
         return train_step(model, optimizer, args, device, inputs, loss_fn)
-    return step_rows("empssl step (aug+fwd+bwd+lars)", make_step, patches, b * p, args, device, f"{b} img x {p} patches")
+    return step_rows("empssl step (aug+fwd+bwd+lars)", make_step, patches, b * p, args, device,
+                     f"{b} img x {p} patches")
 
 
 def bench_blur(args, device):
-    """The two blurs of augment() on every view of an EMP-SSL step: torchvision's 3x3 kernel and PIL's radius-sigma blur."""
+    """The two blurs of augment() on every view of an EMP-SSL step: torchvision's 3x3 kernel and PIL's."""
     n = args.empssl_batch_size * args.patches
     x = torch.rand(n, 3, 32, 32, device=device, generator=torch.Generator(device).manual_seed(0))
     sigma = torch.empty(n, device=device).uniform_(0.1, 2.0)
     t3 = timeit(lambda: mmcr_pretrain.gaussian_blur(x, sigma), args.steps, args.warmup, device)
     tp = timeit(lambda: empssl_pretrain.pil_gaussian_blur(x, sigma), args.steps, args.warmup, device)
-    return [row("blur 3x3 (mmcr)", n, t3, peak_memory(device), f"{n} views, every view blurred (augment blurs all, keeps 10%)"),
+    return [row("blur 3x3 (mmcr)", n, t3, peak_memory(device),
+                f"{n} views, every view blurred (augment blurs all, keeps 10%)"),
             row("blur pil radius sigma (empssl)", n, tp, peak_memory(device), f"{tp / t3:.1f}x the 3x3 blur")]
 
 
@@ -262,7 +272,8 @@ def bench_tcr(args, device):
     steps = max(1, args.train_steps // 2)
     t_small = timeit(lambda: empssl_pretrain.total_coding_rate(z), steps, 1, device)
     t_direct = timeit(lambda: direct_tcr(z), steps, 1, device)
-    note = f"100 x 20 patches x 1024-d; {t_direct / t_small:.1f}x faster than direct; values differ by {abs(small - direct).item():.1e}"
+    note = (f"100 x 20 patches x 1024-d; {t_direct / t_small:.1f}x faster than direct; "
+            f"values differ by {abs(small - direct).item():.1e}")
     return [row("tcr small side (m x m)", 2000, t_small, peak_memory(device), note),
             row("tcr direct (d x d)", 2000, t_direct, peak_memory(device), "logdet of 20 matrices 1024 x 1024")]
 
@@ -275,16 +286,21 @@ def bench_finetune_step(args, device):
     labels = torch.randint(0, 10, (b,), device=device)
 
     def images():
-        return mmcr_finetune.train_views(pool[torch.randint(len(pool), (b,), device=device, generator=gen)], gen, MEAN, STD, "ssl")
+        idx = torch.randint(len(pool), (b,), device=device, generator=gen)
+        return mmcr_finetune.train_views(pool[idx], gen, MEAN, STD, "ssl")
 
     rows = []
     for finetune_type in ("linear", "backbone+linear"):
-        model = mmcr_finetune.Classifier(10, frozen=finetune_type == "linear").to(device).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=0.01, fused=device.type == "cuda")
-        step = train_step(model, optimizer, args, device, images, lambda logits: torch.nn.functional.cross_entropy(logits.float(), labels))
+        model = mmcr_finetune.Classifier(10, frozen=finetune_type == "linear")
+        model = model.to(device).to(memory_format=torch.channels_last)
+        trained = [q for q in model.parameters() if q.requires_grad]
+        optimizer = torch.optim.Adam(trained, lr=0.01, fused=device.type == "cuda")
+        loss_fn = lambda logits: torch.nn.functional.cross_entropy(logits.float(), labels)
+        step = train_step(model, optimizer, args, device, images, loss_fn)
         reset_peak(device)
         t = timeit(step, args.train_steps, args.warmup, device)
-        rows.append(row(f"finetune step ({finetune_type})", b, t, peak_memory(device), f"images/s, batch {b}, {args.precision}"))
+        rows.append(row(f"finetune step ({finetune_type})", b, t, peak_memory(device),
+                        f"images/s, batch {b}, {args.precision}"))
     # --finetune-type linear --augment none: the linear layer alone on cached 512-d features
     features = torch.randn(len(pool), 512, device=device)
     fc = torch.nn.Linear(512, 10).to(device)
@@ -303,12 +319,13 @@ def bench_finetune_step(args, device):
     return rows
 
 
-BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image, bench_reference_loader, bench_empssl_step, bench_blur,
-           bench_tcr, bench_finetune_step]
+BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image, bench_reference_loader, bench_empssl_step,
+           bench_blur, bench_tcr, bench_finetune_step]
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # bad flags: one line on stderr, exit code 2 (argparse also prints usage)
+    # bad flags: one line on stderr, exit code 2 (argparse also prints usage)
+    def error(self, message):
         print(f"bench.py: error: {message}", file=sys.stderr)
         sys.exit(2)
 
@@ -322,33 +339,44 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="images per MMCR step (default 64 on GPU, 8 on CPU)")
     p.add_argument("--num-views", type=int, help="views per image (default 16 on GPU, 4 on CPU)")
     p.add_argument("--aug-views", type=int, default=1024, help="views per call of the augmentation benchmarks")
-    p.add_argument("--steps", type=int, default=100, help="timed iterations (the per-image pipeline, 1000x slower per call, does steps/4)")
+    p.add_argument("--steps", type=int, default=100,
+                   help="timed iterations (the per-image pipeline, 1000x slower per call, does steps/4)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 10 on GPU, 5 on CPU)")
     p.add_argument("--train-steps", type=int, help="timed training steps (default 50 on GPU, 10 on CPU)")
     p.add_argument("--empssl-batch-size", type=int, help="images per EMP-SSL step (default 100 on GPU, 4 on CPU)")
     p.add_argument("--patches", type=int, help="patches per image in the EMP-SSL step (default 20 on GPU, 4 on CPU)")
     p.add_argument("--finetune-batch-size", type=int, help="images per finetune step (default 1024 on GPU, 32 on CPU)")
-    p.add_argument("--loader-workers", type=int, default=os.cpu_count(), help="DataLoader workers of the reference-style loader")
-    p.add_argument("--loader-batches", type=int, help="timed batches of the reference-style loader (default 4 x workers on GPU, 2 x on CPU)")
-    p.add_argument("--only", nargs="+", choices=[b.__name__[len("bench_"):] for b in BENCHES], help="run only these benchmarks")
+    p.add_argument("--loader-workers", type=int, default=os.cpu_count(),
+                   help="DataLoader workers of the reference-style loader")
+    p.add_argument("--loader-batches", type=int,
+                   help="timed batches of the reference-style loader (default 4 x workers on GPU, 2 x on CPU)")
+    p.add_argument("--only", nargs="+", choices=[b.__name__[len("bench_"):] for b in BENCHES],
+                   help="run only these benchmarks")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is available")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     # CPU defaults are small so the whole run takes about a minute; GPU defaults are the recipe's shape.
-    for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("num_views", 16, 4), ("warmup", 10, 5), ("train_steps", 50, 10),
+    for name, on_gpu, on_cpu in (("batch_size", 64, 8), ("num_views", 16, 4), ("warmup", 10, 5),
+                                 ("train_steps", 50, 10),
                                  ("empssl_batch_size", 100, 4), ("patches", 20, 4), ("finetune_batch_size", 1024, 32),
                                  ("loader_batches", 4 * max(1, args.loader_workers), 2 * max(1, args.loader_workers))):
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
     if args.precision == "auto":
         args.precision = "fp32" if not gpu else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    for bad, message in ((args.batch_size < 1, "--batch-size must be positive"), (args.num_views < 2, "--num-views must be at least 2"),
+    for bad, message in ((args.batch_size < 1, "--batch-size must be positive"),
+                         (args.num_views < 2, "--num-views must be at least 2"),
                          (args.aug_views < 1, "--aug-views must be positive"),
-                         (args.loader_workers < 0 or args.loader_batches < 1, "--loader-workers must be >= 0, --loader-batches positive"), (args.steps < 1, "--steps must be positive"),
-                         (args.warmup < 0, "--warmup must be >= 0"), (min(args.train_steps, args.finetune_batch_size) < 1, "--train-steps and --finetune-batch-size must be positive"),
-                         (args.empssl_batch_size < 2 or args.patches < 2, "--empssl-batch-size and --patches must be at least 2")):
+                         (args.loader_workers < 0 or args.loader_batches < 1,
+                          "--loader-workers must be >= 0, --loader-batches positive"),
+                         (args.steps < 1, "--steps must be positive"),
+                         (args.warmup < 0, "--warmup must be >= 0"),
+                         (min(args.train_steps, args.finetune_batch_size) < 1,
+                          "--train-steps and --finetune-batch-size must be positive"),
+                         (args.empssl_batch_size < 2 or args.patches < 2,
+                          "--empssl-batch-size and --patches must be at least 2")):
         if bad:
             p.error(message)
     return args, device
@@ -356,12 +384,14 @@ def parse_args(argv=None):
 
 def main():
     args, device = parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as mmcr_pretrain.main
+    # as mmcr_pretrain.main
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
           f"precision {args.precision}, compile {args.compile}, steps {args.steps}, warmup {args.warmup}")
-    print(f"mmcr step shape: {args.batch_size} images x {args.num_views} views = {args.batch_size * args.num_views} views")
+    views = args.batch_size * args.num_views
+    print(f"mmcr step shape: {args.batch_size} images x {args.num_views} views = {views} views")
     # Each row is printed as soon as it is measured, so a benchmark that fails leaves the earlier rows in the log.
     line = "{:<42}  {:>9}  {:>8}  {:<21}  {}"
     print(line.format("name", "views/s", "ms/step", "peak memory", "notes"), flush=True)
@@ -369,7 +399,8 @@ def main():
     for bench in BENCHES:
         if not args.only or bench.__name__[len("bench_"):] in args.only:
             for r in bench(args, device):
-                print(line.format(r["name"], f"{r['views_s']:.0f}", f"{r['ms']:.1f}", r["memory"], r["notes"]), flush=True)
+                numbers = f"{r['views_s']:.0f}", f"{r['ms']:.1f}"
+                print(line.format(r["name"], *numbers, r["memory"], r["notes"]), flush=True)
                 rows.append(r)
     speed = {r["name"]: r["views_s"] for r in rows}
     if "augment batched (mmcr_pretrain)" in speed and "augment per-image (torchvision v2)" in speed:

@@ -42,7 +42,8 @@ def arg(default, help):
 @dataclass
 class Config:
     # the method: edit these
-    dataset: str = arg("", "required: a folder with train.pt and test.pt written by empssl_pretrain.py (its embeddings/)")
+    dataset: str = arg("", "required: a folder with train.pt and test.pt written by empssl_pretrain.py (its "
+                       "embeddings/)")
     batch_size: int = arg(100, "embeddings per step")
     max_epochs: int = arg(100, "epochs of training")
     learning_rate: float = arg(0.03, "SGD (momentum 0.9) peak learning rate")
@@ -52,13 +53,14 @@ class Config:
     num_neighbours: int = arg(20, "k of the kNN comparison at the start")
     temperature: float = arg(0.07, "temperature of the kNN comparison at the start")
     # the run: where, how, how often
-    output_dir: str = arg("", "run folder (default runs/empssl-linear/<timestamp>); one that holds a run needs --resume")
+    output_dir: str = arg("", "run folder (default runs/empssl-linear/<timestamp>); one that holds a run needs "
+                          "--resume")
     resume: str = arg("", "a checkpoint of this script to resume from, or 'auto' for <output-dir>/last.pt if it exists")
     device: str = arg("auto", "auto, cuda or cpu")
     precision: str = arg("auto", "auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
     log_every: int = arg(100, "steps between progress-bar updates (the only host syncs of the loop)")
-    checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch, at a log step, this long after the last save "
-                                    "(0: only at epoch ends)")
+    checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch, at a log step, this many minutes "
+                                    "after the last save (0: only at epoch ends)")
     seed: int = arg(42, "random seed")
 
 
@@ -68,21 +70,27 @@ class Config:
 def load_embeddings(folder, embedding_dim):
     """(train_x, train_y, test_x, test_y, classes) from folder/{train,test}.pt, every mismatch a UserError."""
     if not os.path.isdir(folder):
-        raise UserError(f"--dataset {folder} is not a folder (expected the embeddings/ folder of an empssl_pretrain.py run)")
+        raise UserError(f"--dataset {folder} is not a folder (expected the embeddings/ folder of an "
+                        f"empssl_pretrain.py run)")
     splits = {}
     for name in ("train", "test"):
         path = os.path.join(folder, f"{name}.pt")
-        d = read_torch_file(path, "embeddings file")  # empssl_pretrain.py writes <output-dir>/embeddings/{train,test}.pt
+        # empssl_pretrain.py writes <output-dir>/embeddings/{train,test}.pt
+        d = read_torch_file(path, "embeddings file")
         missing = [k for k in ("embeddings", "labels", "dim", "classes") if not isinstance(d, dict) or k not in d]
         if missing:
             raise UserError(f"{path} lacks the keys {missing} of an empssl_pretrain.py embeddings file")
         x, y = d["embeddings"], d["labels"]
-        if not (torch.is_tensor(x) and torch.is_tensor(y) and x.ndim == 2 and y.ndim == 1 and len(x) == len(y) and x.shape[1] == d["dim"]):
-            raise UserError(f"{path}: embeddings {tuple(getattr(x, 'shape', ()))} and labels {tuple(getattr(y, 'shape', ()))} do not fit dim {d['dim']}")
-        if len(x) == 0 or y.is_floating_point() or y.is_complex() or not x.is_floating_point() or not torch.isfinite(x).all():
+        tensors = torch.is_tensor(x) and torch.is_tensor(y)
+        if not (tensors and x.ndim == 2 and y.ndim == 1 and len(x) == len(y) and x.shape[1] == d["dim"]):
+            raise UserError(f"{path}: embeddings {tuple(getattr(x, 'shape', ()))} and labels "
+                            f"{tuple(getattr(y, 'shape', ()))} do not fit dim {d['dim']}")
+        integers = not (y.is_floating_point() or y.is_complex())
+        if len(x) == 0 or not integers or not x.is_floating_point() or not x.isfinite().all():
             raise UserError(f"{path}: needs at least one embedding, finite float embeddings and integer labels")
         if y.numel() and (y.min() < 0 or y.max() >= len(d["classes"])):
-            raise UserError(f"{path}: labels range over {y.min().item()}..{y.max().item()}, outside the {len(d['classes'])} classes")
+            raise UserError(f"{path}: labels range over {y.min().item()}..{y.max().item()}, outside the "
+                            f"{len(d['classes'])} classes")
         splits[name] = (x, y.long(), list(d["classes"]))
     (xtr, ytr, classes), (xte, yte, test_classes) = splits["train"], splits["test"]
     if xtr.shape[1] != xte.shape[1]:
@@ -102,7 +110,8 @@ def evaluate(head, inputs, labels, batch_size=1024):
     """(cross-entropy, top-1 %, top-5 %) of head (the classifier, or its fc on cached features) on inputs."""
     was_training = head.training
     head.eval()
-    sums = torch.zeros(3, device=labels.device)  # summed loss, top-1 hits, top-5 hits: one host sync at the end
+    # summed loss, top-1 hits, top-5 hits: one host sync at the end
+    sums = torch.zeros(3, device=labels.device)
     for i in range(0, len(inputs), batch_size):
         logits, y = head(inputs[i:i + batch_size]).float(), labels[i:i + batch_size]
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y.view(-1, 1)
@@ -116,7 +125,7 @@ def evaluate(head, inputs, labels, batch_size=1024):
 
 
 def lr_at(step, total_steps, warmup_steps, base_lr):
-    """Linear warm-up from base_lr / warmup_steps to base_lr, then cosine decay towards 0: a pure function of the step."""
+    """Linear warm-up from base_lr / warmup_steps to base_lr, then cosine decay to 0: a pure function of the step."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
@@ -151,57 +160,61 @@ def main(cfg):
                    knn_top5=top5)
 
     def checkpoint(step):
-        return {"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "epoch": step // steps_per_epoch, "best": best, "config": dataclasses.asdict(cfg), "classes": classes}
+        return {"script": SCRIPT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
+                "config": dataclasses.asdict(cfg), "classes": classes}
 
     control, t_start = RunControl(cfg.checkpoint_minutes, ddp, True, device), time.time()
     for epoch in range(start_step // steps_per_epoch, cfg.max_epochs):
         first = max(0, start_step - epoch * steps_per_epoch)
         perm = epoch_order(len(xtr), cfg.seed, epoch, device)
-        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", mininterval=1, leave=False)
         loss_sum, t_epoch, stop = torch.zeros((), device=device), time.time(), False
         # per epoch, as the EMP-SSL code
         lr = set_lr(optimizer, lr_at(epoch, cfg.max_epochs, warmup_epochs, cfg.learning_rate))
-        for i in range(first, steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            with autocast:
-                logits = model(xtr[idx])
-            loss = F.cross_entropy(logits.float(), ytr[idx])
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            bar.update()
-            if control.syncs_at(step + 1, cfg.log_every):
-                stop, save = control.poll(step + 1, loss, model)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-                # a stop or a timed save at an epoch's last step is left to the epoch end below
-                if (stop or save) and i + 1 < steps_per_epoch:
-                    control.save(checkpoint(step + 1), cfg.output_dir, "last.pt")
-                if stop:
-                    break
-        bar.close()
+        # the bar closes also when an error (a divergence) leaves the loop
+        with tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", mininterval=1,
+                  leave=False) as bar:
+            for i in range(first, steps_per_epoch):
+                step = epoch * steps_per_epoch + i
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                with autocast:
+                    logits = model(xtr[idx])
+                loss = F.cross_entropy(logits.float(), ytr[idx])
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                bar.update()
+                if control.syncs_at(step + 1, cfg.log_every):
+                    stop, save = control.poll(step + 1, loss, model)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                    # a stop or a timed save at an epoch's last step is left to the epoch end below
+                    if (stop or save) and i + 1 < steps_per_epoch:
+                        control.save(checkpoint(step + 1), cfg.output_dir, "last.pt")
+                    if stop:
+                        break
 
         # end of epoch: test, metrics, checkpoints
         if i + 1 == steps_per_epoch:
             stop = control.poll(step + 1, loss, model)[0] or stop
             with autocast:
                 test_loss, top1, top5 = evaluate(model, xte, yte)
-            stats = {"epoch": epoch + 1, "step": step + 1, "train_loss": loss_sum.item() / (steps_per_epoch - first), "lr": lr,
-                     "test_loss": test_loss, "top1": top1, "top5": top5, "epoch_seconds": round(elapsed(t_epoch, device), 3)}
+            stats = {"epoch": epoch + 1, "step": step + 1, "train_loss": loss_sum.item() / (steps_per_epoch - first),
+                     "lr": lr, "test_loss": test_loss, "top1": top1, "top5": top5,
+                     "epoch_seconds": round(elapsed(t_epoch, device), 3)}
             improved = top1 > best["top1"]
             if improved:
                 best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
             control.save(checkpoint(step + 1), cfg.output_dir, *(["best.pt"] if improved else []), "last.pt")
             append_metrics(cfg.output_dir, stats)
-            print(f"epoch {epoch + 1}/{cfg.max_epochs} train loss {stats['train_loss']:.4f} lr {lr:.2e} test loss {test_loss:.4f} "
-                  f"top1 {top1:.2f} top5 {top5:.2f} {stats['epoch_seconds']:.2f}s", flush=True)
+            print(f"epoch {epoch + 1}/{cfg.max_epochs} train loss {stats['train_loss']:.4f} lr {lr:.2e} "
+                  f"test loss {test_loss:.4f} top1 {top1:.2f} top5 {top5:.2f} {stats['epoch_seconds']:.2f}s",
+                  flush=True)
         if stop:
             control.interrupted(cfg.output_dir, step + 1)
-    print(f"done: best top1 {best['top1']:.2f} top5 {best['top5']:.2f} (epoch {best['epoch']}), last top1 {top1:.2f} top5 {top5:.2f} "
-          f"in {time.time() - t_start:.1f}s; checkpoints in {cfg.output_dir}")
+    print(f"done: best top1 {best['top1']:.2f} top5 {best['top5']:.2f} (epoch {best['epoch']}), last top1 {top1:.2f} "
+          f"top5 {top5:.2f} in {time.time() - t_start:.1f}s; checkpoints in {cfg.output_dir}")
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -215,9 +228,9 @@ class Diverged(Exception):
     """Non-finite weights: one line on stderr, exit code 3; last.pt and best.pt keep the last finite state."""
 
     def __init__(self, step, loss):
-        super().__init__(f"training diverged at step {step}: the loss is {loss:.4g} and the weights are no longer finite; "
-                         f"last.pt and best.pt keep the last finite state. Try a lower --learning-rate, or --precision bf16 "
-                         f"or fp32 if this ran in fp16")
+        super().__init__(f"training diverged at step {step}: the loss is {loss:.4g} and the weights are no longer "
+                         f"finite; last.pt and best.pt keep the last finite state. Try a lower --learning-rate, or "
+                         f"--precision bf16 or fp32 if this ran in fp16")
 
 
 def check_config(cfg):
@@ -253,8 +266,9 @@ def parse_config(argv=None):
 
 
 def setup(cfg):
-    """(ddp, rank, world, device, precision, autocast). DDP when torchrun set RANK: one process per GPU (NCCL) or per
-    CPU process (gloo); otherwise one process. bf16 where the GPU has it (compute capability 8+), fp16 before, fp32 on CPU."""
+    """(ddp, rank, world, device, precision, autocast). DDP when torchrun set RANK: one process per GPU (NCCL) or
+    per CPU process (gloo); otherwise one process. Precision auto: bf16 where the GPU has it (compute capability 8+),
+    fp16 with a GradScaler before, fp32 on the CPU."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -271,7 +285,8 @@ def setup(cfg):
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     precision = cfg.precision
     if precision == "auto":
-        precision = "fp32" if device.type == "cpu" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        precision = "fp32" if device.type == "cpu" else "bf16" if bf16 else "fp16"
     ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=precision != "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -282,14 +297,16 @@ def setup(cfg):
 
 def refuse_to_overwrite(output_dir):
     """Without --resume, a folder that already holds a run is an error, and nothing in it is touched."""
-    found = [f for f in ("config.json", "metrics.jsonl", "last.pt", "best.pt") if os.path.exists(os.path.join(output_dir, f))]
+    found = [f for f in ("config.json", "metrics.jsonl", "last.pt", "best.pt")
+             if os.path.exists(os.path.join(output_dir, f))]
     if found:
-        raise UserError(f"--output-dir {output_dir} already holds a run ({', '.join(found)}): pass --resume auto to continue "
-                        f"it, or choose another --output-dir")
+        raise UserError(f"--output-dir {output_dir} already holds a run ({', '.join(found)}): pass --resume auto to "
+                        f"continue it, or choose another --output-dir")
 
 
 def resume(cfg, model, optimizer, scaler, steps_per_epoch, master, hint):
-    """Load --resume (auto: <output-dir>/last.pt if there is one) into model, optimizer and scaler; the checkpoint or None.
+    """Load --resume (auto: <output-dir>/last.pt if there is one) into model, optimizer and scaler: the checkpoint,
+    or None for a fresh run.
 
     The command line, not the checkpoint, sets the recipe (a longer --max-epochs extends a run). metrics.jsonl keeps
     only the lines up to the checkpoint's step, so that a run resumed from an older checkpoint never repeats an epoch.
@@ -371,8 +388,8 @@ class RunControl:
 
     def interrupted(self, output_dir, step):
         if self.master:
-            print(f"interrupted: saved {os.path.join(output_dir, 'last.pt')} at step {step}; continue with --resume auto "
-                  f"--output-dir {output_dir}", file=sys.stderr)
+            print(f"interrupted: saved {os.path.join(output_dir, 'last.pt')} at step {step}; continue with "
+                  f"--resume auto --output-dir {output_dir}", file=sys.stderr)
         if self.ddp:
             dist.destroy_process_group()
         sys.exit(128 + (self.signals[0] if self.signals else signal.SIGTERM))
@@ -411,7 +428,8 @@ def read_torch_file(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable {what}: corrupt, truncated or not written by torch.save ({type(e).__name__})")
+        raise UserError(f"{path} is not a readable {what}: corrupt, truncated or not written by torch.save "
+                        f"({type(e).__name__})")
 
 
 def load_checkpoint(path, script):

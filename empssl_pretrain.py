@@ -64,9 +64,11 @@ class Config:
     projection_dim: int = arg(1024, "output dimension of the projector (the loss's space)")
     invariance_coefficient: float = arg(200.0, "weight of the patch similarity against the total coding rate")
     tcr_eps: float = arg(0.2, "distortion eps of the total coding rate")
-    blur: str = arg("pil", "pil: PIL's GaussianBlur(radius=sigma), as the reference and the official code; kernel3: 3x3")
-    unscaled_inputs: bool = arg(False, "the bartoszzuk reference's inputs: pixels 0..255 (ToDtype without scale) before "
-                                "Normalize(0.5, 0.5), so in [-1, 509]; the default [-1, 1] is the official code's")
+    blur: str = arg("pil", "pil: PIL's GaussianBlur(radius=sigma), as the reference and the official code; "
+                    "kernel3: torchvision's 3x3 kernel")
+    unscaled_inputs: bool = arg(False, "the bartoszzuk reference's inputs: pixels 0..255 (ToDtype without scale) "
+                                "before Normalize(0.5, 0.5), so in [-1, 509]; the default, [-1, 1], is the official "
+                                "code's")
     num_neighbours: int = arg(20, "k of the weighted kNN evaluation")
     temperature: float = arg(0.07, "temperature of the weighted kNN evaluation")
     eval_every: int = arg(0, "bag-of-features kNN every this many epochs (0: only after the last, always done)")
@@ -81,8 +83,8 @@ class Config:
     precision: str = arg("auto", "auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
     compile: bool = arg(False, "torch.compile the model")
     log_every: int = arg(50, "steps between progress-bar updates (the only host syncs of the loop)")
-    checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch, at a log step, this long after the last save "
-                                    "(0: only at epoch ends)")
+    checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch, at a log step, this many minutes "
+                                    "after the last save (0: only at epoch ends)")
     seed: int = arg(42, "random seed")
 
 
@@ -103,20 +105,22 @@ def load_dataset(cfg):
         except Exception as e:
             raise UserError(f"could not load or download {cfg.dataset} into {cfg.data_dir} ({type(e).__name__}: {e}); "
                             f"offline, put the python version of the archive from "
-                            f"https://www.cs.toronto.edu/~kriz/cifar.html into {cfg.data_dir}, or pass an ImageFolder root")
-        split = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)) for d in (train, test)]
+                            f"https://www.cs.toronto.edu/~kriz/cifar.html into {cfg.data_dir}, "
+                            f"or pass an ImageFolder root")
+        split = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
+                 for d in (train, test)]
         classes, stats = train.classes, CIFAR_STATS[cfg.dataset]
         if cfg.image_size != 32:
-            split = [(F.interpolate(x.float(), size=cfg.image_size, mode="bicubic", antialias=True).round().clamp(0, 255).byte(), y)
-                     for x, y in split]
+            resize = lambda x: F.interpolate(x.float(), size=cfg.image_size, mode="bicubic", antialias=True)
+            split = [(resize(x).round().clamp(0, 255).byte(), y) for x, y in split]
     else:
         for s in ("train", "test"):
             if not os.path.isdir(os.path.join(cfg.dataset, s)):
                 raise UserError(f"--dataset {cfg.dataset}: no folder {os.path.join(cfg.dataset, s)} "
                                 f"(expected cifar10, cifar100 or an ImageFolder root with train/ and test/)")
         cache = os.path.join(cfg.data_dir, "cache")
-        (xtr, ytr, classes), (xte, yte, test_classes) = (load_image_folder(os.path.join(cfg.dataset, s), cfg.image_size, cache)
-                                                         for s in ("train", "test"))
+        xtr, ytr, classes = load_image_folder(os.path.join(cfg.dataset, "train"), cfg.image_size, cache)
+        xte, yte, test_classes = load_image_folder(os.path.join(cfg.dataset, "test"), cfg.image_size, cache)
         if test_classes != classes:
             raise UserError(f"--dataset {cfg.dataset}: train has classes {classes[:5]}... ({len(classes)}), "
                             f"test has {test_classes[:5]}... ({len(test_classes)})")
@@ -155,8 +159,9 @@ def sample_crops(n, height, width, scale, ratio, gen):
     fw = width if ratio[0] <= in_ratio <= ratio[1] else (width if in_ratio < ratio[0] else round(height * ratio[1]))
     fh = height if ratio[0] <= in_ratio <= ratio[1] else (round(width / ratio[0]) if in_ratio < ratio[0] else height)
     w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
-    top = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor(), ((height - h) / 2).floor())
-    left = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor(), ((width - w) / 2).floor())
+    u_top, u_left = torch.rand(n, device=dev, generator=gen), torch.rand(n, device=dev, generator=gen)
+    top = torch.where(ok, (u_top * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(ok, (u_left * (width - w + 1)).floor(), ((width - w) / 2).floor())
     return top, left, h, w
 
 
@@ -258,7 +263,8 @@ def solarize(x, threshold=0.5):
     return torch.where(x >= threshold, 1 - x, x)
 
 
-def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, blur, p_solarize, solarize_threshold):
+def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, blur, p_solarize,
+            solarize_threshold):
     """A batch of uint8 images (N, 3, H, W) -> N independently augmented, normalised float views.
 
     RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
@@ -268,7 +274,7 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
     To add an op: draw its parameters for all N views from `gen` (u(lo, hi), coin(p)), compute it for every
     view as batched tensor maths, and keep it where its coin came up: x = torch.where(coin(p).view(-1, 1, 1, 1),
     op(x), x). No Python loop over views, no .item(): that keeps the GPU busy. This block is shared: copy an
-    edit to empssl_pretrain.py and mmcr_finetune.py too (test_shared_blocks_are_the_same_code fails otherwise).
+    edit to empssl_pretrain.py and mmcr_finetune.py too (test_shared_definitions_are_identical fails otherwise).
     """
     n, dev = images.shape[0], images.device
     u = lambda lo, hi: torch.empty(n, device=dev).uniform_(lo, hi, generator=gen)
@@ -304,7 +310,7 @@ AUGMENT = dict(scale=(0.25, 0.25), ratio=(1.0, 1.0), jitter=(0.4, 0.4, 0.4, 0.2)
 
 @functools.lru_cache(maxsize=None)
 def channel_stats(mean, std, device):
-    """mean and std as (1, 3, 1, 1) tensors on the device, made once: a host-to-device copy every step stalls the GPU."""
+    """mean and std as (1, 3, 1, 1) tensors on the device, made once (a host-to-device copy per step stalls the GPU)."""
     return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
 
 
@@ -316,7 +322,7 @@ def normalize(x, mean, std):
 
 
 def save_views(images, views, mean, std, path, rows=8, columns=8):
-    """A PNG of the first `rows` images, each followed by its first `columns` views as the model gets them, un-normalised."""
+    """A PNG of the first `rows` images, each followed by its first `columns` views as the model gets them."""
     m, s = channel_stats(tuple(mean), tuple(std), views.device)
     rows, size = min(rows, len(images)), views.shape[-1]
     per_image = len(views) // len(images)
@@ -345,8 +351,8 @@ class EMPSSLModel(nn.Module):
         super().__init__()
         self.backbone = cifar_resnet18()
         self.pre_feature = nn.Sequential(nn.Linear(512, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True))
-        self.projector = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                                       nn.Linear(hidden_dim, projection_dim))
+        self.projector = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                                       nn.ReLU(inplace=True), nn.Linear(hidden_dim, projection_dim))
 
     def forward(self, x):
         h = self.pre_feature(self.backbone(x))
@@ -378,7 +384,8 @@ class LARS(torch.optim.Optimizer):
                     ratio = group["trust_coefficient"] * w_norm / (g_norm + group["weight_decay"] * w_norm)
                     if group["clip"]:
                         ratio = torch.clamp(ratio / group["lr"], max=1.0)
-                    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)  # fresh or zero layers: plain SGD
+                    # fresh or zero layers: plain SGD
+                    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
                     d_p = (d_p + group["weight_decay"] * p) * ratio
                 if group["momentum"]:
                     state = self.state[p]
@@ -403,11 +410,13 @@ def total_coding_rate(z, eps=0.2):
     Under DDP the rows of all ranks are gathered (with autograd) so that m is the global batch.
     """
     with torch.autocast(z.device.type, enabled=False):
-        z = gather(F.normalize(z.float(), dim=-1)).transpose(0, 1)  # (patches, m, d)
+        # (patches, m, d)
+        z = gather(F.normalize(z.float(), dim=-1)).transpose(0, 1)
         m, d = z.shape[1], z.shape[2]
         gram = z @ z.transpose(1, 2) if m <= d else z.transpose(1, 2) @ z
         eye = torch.eye(gram.shape[-1], device=z.device)
-        # logdet of an SPD matrix = 2 sum log diag(L); cholesky_ex skips the error check, a host sync (I + cG is always SPD)
+        # logdet of an SPD matrix = 2 sum log diag(L); cholesky_ex skips the error check, a host sync
+        # (I + cG is always SPD)
         chol = torch.linalg.cholesky_ex(eye + d / (m * eps) * gram).L
         return chol.diagonal(dim1=-2, dim2=-1).log().sum(-1).mean()
 
@@ -454,10 +463,13 @@ def bag_of_features(model, images, gen, mean, std, size, patches, aug, autocast,
     was_training = model.training
     model.eval()
     chunk, out = max(1, views_per_chunk // patches), []
-    for i in tqdm(range(0, len(images), chunk), desc=f"bag of features ({patches} patches)", leave=False, mininterval=1, disable=not progress):
+    bar = tqdm(range(0, len(images), chunk), desc=f"bag of features ({patches} patches)", leave=False, mininterval=1,
+               disable=not progress)
+    for i in bar:
         x = augment(images[i:i + chunk].repeat_interleave(patches, 0), gen, mean, std, size, **aug)
         with autocast:
-            h = model.pre_feature(model.backbone(x))  # the projector is not needed here
+            # the projector is not needed here
+            h = model.pre_feature(model.backbone(x))
         out.append(h.float().view(-1, patches, h.shape[-1]).mean(1))
     model.train(was_training)
     return torch.cat(out)
@@ -468,10 +480,12 @@ def gather_rows(x, n):
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return x
     world = dist.get_world_size()
-    x = F.pad(x, (0, 0, 0, -(-n // world) - len(x)))  # equal sizes for all_gather
+    # equal sizes for all_gather
+    x = F.pad(x, (0, 0, 0, -(-n // world) - len(x)))
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x)
-    return torch.stack(parts, 1).flatten(0, 1)[:n]  # row j of rank r is row j * world + r
+    # row j of rank r is row j * world + r
+    return torch.stack(parts, 1).flatten(0, 1)[:n]
 
 
 def evaluate(cfg, model, data, mean, std, aug, autocast, epoch, rank, world):
@@ -482,8 +496,9 @@ def evaluate(cfg, model, data, mean, std, aug, autocast, epoch, rank, world):
     xtr, ytr, xte, yte, classes = data
     # the same patches at every evaluation
     gen = torch.Generator(xtr.device).manual_seed(cfg.seed * 100003 + rank)
-    ftr, fte = (gather_rows(bag_of_features(model, x[rank::world], gen, mean, std, cfg.image_size, cfg.valid_patches, aug,
-                                            autocast, progress=rank == 0), len(x)) for x in (xtr, xte))
+    embed = lambda x: bag_of_features(model, x[rank::world], gen, mean, std, cfg.image_size, cfg.valid_patches, aug,
+                                      autocast, progress=rank == 0)
+    ftr, fte = gather_rows(embed(xtr), len(xtr)), gather_rows(embed(xte), len(xte))
     if rank:
         return None, None
     os.makedirs(os.path.join(cfg.output_dir, "embeddings"), exist_ok=True)
@@ -498,7 +513,7 @@ def evaluate(cfg, model, data, mean, std, aug, autocast, epoch, rank, world):
 
 
 def lr_at(step, total_steps, warmup_steps, base_lr):
-    """Linear warm-up from base_lr / warmup_steps to base_lr, then cosine decay towards 0: a pure function of the step."""
+    """Linear warm-up from base_lr / warmup_steps to base_lr, then cosine decay to 0: a pure function of the step."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
@@ -530,20 +545,23 @@ def main(cfg):
 
     # model, optimizer, resume
     model = EMPSSLModel(cfg.hidden_dim, cfg.projection_dim).to(device).to(memory_format=torch.channels_last)
-    optimizer = LARS(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.9, nesterov=True,
-                     trust_coefficient=0.005)
+    optimizer = LARS(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, momentum=0.9,
+                     nesterov=True, trust_coefficient=0.005)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gen = torch.Generator(device)
-    ckpt = resume(cfg, model, optimizer, scaler, steps_per_epoch, master, f"--hidden-dim {cfg.hidden_dim}, --projection-dim {cfg.projection_dim}?")
-    start_step, best, aug_states = (ckpt["step"], ckpt["best"], ckpt["aug_rng"]) if ckpt else (0, {"knn_top1": -1.0, "knn_top5": -1.0, "epoch": 0}, None)
+    hint = f"--hidden-dim {cfg.hidden_dim}, --projection-dim {cfg.projection_dim}?"
+    ckpt = resume(cfg, model, optimizer, scaler, steps_per_epoch, master, hint)
+    start_step, best, aug_states = 0, {"knn_top1": -1.0, "knn_top5": -1.0, "epoch": 0}, None
+    if ckpt:
+        start_step, best, aug_states = ckpt["step"], ckpt["best"], ckpt["aug_rng"]
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if master:
-        write_run_info(cfg, world_size=world, device=str(device), precision_used=precision, num_train=len(xtr), num_test=len(xte),
-                       num_classes=len(classes), steps_per_epoch=steps_per_epoch, mean=mean, std=std)
+        write_run_info(cfg, world_size=world, device=str(device), precision_used=precision, num_train=len(xtr),
+                       num_test=len(xte), num_classes=len(classes), steps_per_epoch=steps_per_epoch, mean=mean, std=std)
 
     def checkpoint(step):
         """The state after `step` steps, with every rank's augmentation RNG so that a mid-epoch resume is exact."""
@@ -557,56 +575,56 @@ def main(cfg):
         first = max(0, start_step - epoch * steps_per_epoch)
         perm = epoch_order(len(xtr), cfg.seed, epoch, device)
         seed_augmentation(gen, cfg.seed, epoch, rank, world, aug_states if first else None)
-        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", disable=not master,
-                   mininterval=1, leave=False)
         loss_sum, t_epoch, stop = torch.zeros((), device=device), time.time(), False
-        for i in range(first, steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.learning_rate))
-            idx = perm[i * cfg.batch_size + rank * local_batch:][:local_batch]
-            views = augment(xtr[idx].repeat_interleave(views_per_image, 0), gen, mean, std, cfg.image_size, **aug)
-            if step == 0 and master:
-                save_views(xtr[idx], views, mean, std, os.path.join(cfg.output_dir, "views.png"))
-            with autocast:
-                z = model(views)[1].view(local_batch, views_per_image, -1)
-            tcr, similarity = total_coding_rate(z, cfg.tcr_eps), patch_similarity(z)
-            loss = -tcr - cfg.invariance_coefficient * similarity
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            bar.update()
-            if control.syncs_at(step + 1, cfg.log_every):
-                stop, save = control.poll(step + 1, loss, raw_model)
-                views_s = (i + 1 - first) * cfg.batch_size * views_per_image / (time.time() - t_epoch)
-                bar.set_postfix(loss=f"{loss.item():.3f}", tcr=f"{tcr.item():.2f}", sim=f"{similarity.item():.3f}", lr=f"{lr:.2e}",
-                                views_s=f"{views_s:.0f}")
-                # a stop or a timed save at an epoch's last step is left to the epoch end below
-                if (stop or save) and i + 1 < steps_per_epoch:
-                    control.save(checkpoint(step + 1), cfg.output_dir, "last.pt")
-                if stop:
-                    break
-        bar.close()
+        # the bar closes also when an error (a divergence) leaves the loop
+        with tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", disable=not master,
+                  mininterval=1, leave=False) as bar:
+            for i in range(first, steps_per_epoch):
+                step = epoch * steps_per_epoch + i
+                lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.learning_rate))
+                idx = perm[i * cfg.batch_size + rank * local_batch:][:local_batch]
+                views = augment(xtr[idx].repeat_interleave(views_per_image, 0), gen, mean, std, cfg.image_size, **aug)
+                if step == 0 and master:
+                    save_views(xtr[idx], views, mean, std, os.path.join(cfg.output_dir, "views.png"))
+                with autocast:
+                    z = model(views)[1].view(local_batch, views_per_image, -1)
+                tcr, similarity = total_coding_rate(z, cfg.tcr_eps), patch_similarity(z)
+                loss = -tcr - cfg.invariance_coefficient * similarity
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                bar.update()
+                if control.syncs_at(step + 1, cfg.log_every):
+                    stop, save = control.poll(step + 1, loss, raw_model)
+                    views_s = (i + 1 - first) * cfg.batch_size * views_per_image / (time.time() - t_epoch)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", tcr=f"{tcr.item():.2f}", sim=f"{similarity.item():.3f}",
+                                    lr=f"{lr:.2e}", views_s=f"{views_s:.0f}")
+                    # a stop or a timed save at an epoch's last step is left to the epoch end below
+                    if (stop or save) and i + 1 < steps_per_epoch:
+                        control.save(checkpoint(step + 1), cfg.output_dir, "last.pt")
+                    if stop:
+                        break
 
         # end of epoch: kNN, metrics, checkpoints
         if i + 1 == steps_per_epoch:
             stop = control.poll(step + 1, loss, raw_model)[0] or stop
-            seconds = elapsed(t_epoch, device)
-            stats = {"epoch": epoch + 1, "step": step + 1, "loss": loss_sum.item() / (steps_per_epoch - first), "lr": lr,
-                     "knn_top1": None, "knn_top5": None, "epoch_seconds": round(seconds, 3),
-                     "views_per_second": round((steps_per_epoch - first) * cfg.batch_size * views_per_image / seconds, 1)}
+            seconds, steps, top1, top5 = elapsed(t_epoch, device), steps_per_epoch - first, None, None
             if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs:
-                stats["knn_top1"], stats["knn_top5"] = evaluate(cfg, raw_model, data, mean, std, aug, autocast, epoch, rank, world)
+                top1, top5 = evaluate(cfg, raw_model, data, mean, std, aug, autocast, epoch, rank, world)
                 if ddp:
                     dist.barrier()
-            improved = master and stats["knn_top1"] is not None and stats["knn_top1"] > best["knn_top1"]
+            stats = {"epoch": epoch + 1, "step": step + 1, "loss": loss_sum.item() / steps, "lr": lr, "knn_top1": top1,
+                     "knn_top5": top5, "epoch_seconds": round(seconds, 3),
+                     "views_per_second": round(steps * cfg.batch_size * views_per_image / seconds, 1)}
+            improved = master and top1 is not None and top1 > best["knn_top1"]
             if improved:
-                best = {"knn_top1": stats["knn_top1"], "knn_top5": stats["knn_top5"], "epoch": epoch + 1}
+                best = {"knn_top1": top1, "knn_top5": top5, "epoch": epoch + 1}
             control.save(checkpoint(step + 1), cfg.output_dir, *(["best.pt"] if improved else []), "last.pt")
             if master:
                 append_metrics(cfg.output_dir, stats)
-                knn = f"knn top1 {stats['knn_top1']:.2f} top5 {stats['knn_top5']:.2f}" if stats["knn_top1"] is not None else "knn -"
+                knn = "knn -" if top1 is None else f"knn top1 {top1:.2f} top5 {top5:.2f}"
                 print(f"epoch {epoch + 1}/{cfg.max_epochs} step {step + 1} loss {stats['loss']:.4f} lr {lr:.2e} {knn} "
                       f"{seconds:.1f}s {stats['views_per_second']:.0f} views/s", flush=True)
         if stop:
@@ -629,19 +647,21 @@ class Diverged(Exception):
     """Non-finite weights: one line on stderr, exit code 3; last.pt and best.pt keep the last finite state."""
 
     def __init__(self, step, loss):
-        super().__init__(f"training diverged at step {step}: the loss is {loss:.4g} and the weights are no longer finite; "
-                         f"last.pt and best.pt keep the last finite state. Try a lower --learning-rate, or --precision bf16 "
-                         f"or fp32 if this ran in fp16")
+        super().__init__(f"training diverged at step {step}: the loss is {loss:.4g} and the weights are no longer "
+                         f"finite; last.pt and best.pt keep the last finite state. Try a lower --learning-rate, or "
+                         f"--precision bf16 or fp32 if this ran in fp16")
 
 
 def check_config(cfg):
-    problems = [(cfg.train_patches < 2 or cfg.valid_patches < 1, "--train-patches must be at least 2 and --valid-patches at least 1"),
+    problems = [(cfg.train_patches < 2 or cfg.valid_patches < 1,
+                 "--train-patches must be at least 2 and --valid-patches at least 1"),
                 (cfg.hidden_dim < 1 or cfg.invariance_coefficient < 0 or cfg.tcr_eps <= 0,
                  "--hidden-dim and --tcr-eps must be positive, --invariance-coefficient >= 0"),
                 (cfg.batch_size < 2, "--batch-size must be at least 2 (the coding rate is over the batch)"),
                 (cfg.blur not in ("pil", "kernel3"), "--blur must be pil or kernel3"),
                 (cfg.max_epochs < 1, "--max-epochs must be at least 1"),
-                (cfg.learning_rate <= 0 or cfg.weight_decay < 0, "--learning-rate must be positive, --weight-decay >= 0"),
+                (cfg.learning_rate <= 0 or cfg.weight_decay < 0,
+                 "--learning-rate must be positive, --weight-decay >= 0"),
                 (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
                 (cfg.projection_dim < 1, "--projection-dim must be positive"),
                 (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
@@ -672,8 +692,9 @@ def parse_config(argv=None):
 
 
 def setup(cfg):
-    """(ddp, rank, world, device, precision, autocast). DDP when torchrun set RANK: one process per GPU (NCCL) or per
-    CPU process (gloo); otherwise one process. bf16 where the GPU has it (compute capability 8+), fp16 before, fp32 on CPU."""
+    """(ddp, rank, world, device, precision, autocast). DDP when torchrun set RANK: one process per GPU (NCCL) or
+    per CPU process (gloo); otherwise one process. Precision auto: bf16 where the GPU has it (compute capability 8+),
+    fp16 with a GradScaler before, fp32 on the CPU."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -690,7 +711,8 @@ def setup(cfg):
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     precision = cfg.precision
     if precision == "auto":
-        precision = "fp32" if device.type == "cpu" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        precision = "fp32" if device.type == "cpu" else "bf16" if bf16 else "fp16"
     ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=precision != "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -711,14 +733,16 @@ def rank_zero_first(ddp, master):
 
 def refuse_to_overwrite(output_dir):
     """Without --resume, a folder that already holds a run is an error, and nothing in it is touched."""
-    found = [f for f in ("config.json", "metrics.jsonl", "last.pt", "best.pt") if os.path.exists(os.path.join(output_dir, f))]
+    found = [f for f in ("config.json", "metrics.jsonl", "last.pt", "best.pt")
+             if os.path.exists(os.path.join(output_dir, f))]
     if found:
-        raise UserError(f"--output-dir {output_dir} already holds a run ({', '.join(found)}): pass --resume auto to continue "
-                        f"it, or choose another --output-dir")
+        raise UserError(f"--output-dir {output_dir} already holds a run ({', '.join(found)}): pass --resume auto to "
+                        f"continue it, or choose another --output-dir")
 
 
 def resume(cfg, model, optimizer, scaler, steps_per_epoch, master, hint):
-    """Load --resume (auto: <output-dir>/last.pt if there is one) into model, optimizer and scaler; the checkpoint or None.
+    """Load --resume (auto: <output-dir>/last.pt if there is one) into model, optimizer and scaler: the checkpoint,
+    or None for a fresh run.
 
     The command line, not the checkpoint, sets the recipe (a longer --max-epochs extends a run). metrics.jsonl keeps
     only the lines up to the checkpoint's step, so that a run resumed from an older checkpoint never repeats an epoch.
@@ -800,8 +824,8 @@ class RunControl:
 
     def interrupted(self, output_dir, step):
         if self.master:
-            print(f"interrupted: saved {os.path.join(output_dir, 'last.pt')} at step {step}; continue with --resume auto "
-                  f"--output-dir {output_dir}", file=sys.stderr)
+            print(f"interrupted: saved {os.path.join(output_dir, 'last.pt')} at step {step}; continue with "
+                  f"--resume auto --output-dir {output_dir}", file=sys.stderr)
         if self.ddp:
             dist.destroy_process_group()
         sys.exit(128 + (self.signals[0] if self.signals else signal.SIGTERM))
@@ -858,7 +882,8 @@ def read_torch_file(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable {what}: corrupt, truncated or not written by torch.save ({type(e).__name__})")
+        raise UserError(f"{path} is not a readable {what}: corrupt, truncated or not written by torch.save "
+                        f"({type(e).__name__})")
 
 
 def load_checkpoint(path, script):
@@ -879,16 +904,19 @@ def load_image_folder(root, image_size, cache_dir):
     for label, c in enumerate(classes):
         for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
             for n in sorted(names):
-                if n.lower().endswith(IMG_EXTENSIONS):  # like torchvision's ImageFolder, skip non-images
+                # like torchvision's ImageFolder, skip non-images
+                if n.lower().endswith(IMG_EXTENSIONS):
                     files.append(os.path.join(dirpath, n))
                     labels.append(label)
     if not files:
         raise UserError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
     present = set(labels)
     empty = [c for i, c in enumerate(classes) if i not in present]
-    if empty:  # as torchvision's ImageFolder: a class without images is an error, not a silent extra output
+    # as torchvision's ImageFolder: a class without images is an error, not a silent extra output
+    if empty:
         raise UserError(f"no images in the class folders {[os.path.join(root, c) for c in empty][:5]}")
-    key = hashlib.sha1(repr((os.path.abspath(root), image_size, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])).encode()).hexdigest()[:16]
+    listing = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    key = hashlib.sha1(repr((os.path.abspath(root), image_size, listing)).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir, f"imagefolder-{key}.pt")
     if os.path.exists(cache):
         # a cache must never break a run: one that is truncated, corrupt or stale is decoded again
@@ -899,20 +927,24 @@ def load_image_folder(root, image_size, cache_dir):
             problem = "it does not match the image folder"
         except Exception as e:
             problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}"
-        print(f"warning: cannot use the cached decoded images {cache} ({problem}); removing it and decoding again", file=sys.stderr)
+        print(f"warning: cannot use the cached decoded images {cache} ({problem}); removing it and decoding again",
+              file=sys.stderr)
         os.remove(cache)
     images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
     for i, path in enumerate(tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1)):
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")  # grayscale, palette and RGBA all occur in the wild
-                if im.size != (image_size, image_size):  # shorter side to image_size, then centre crop
+                # grayscale, palette and RGBA all occur in the wild
+                im = im.convert("RGB")
+                # shorter side to image_size, then centre crop
+                if im.size != (image_size, image_size):
                     s = image_size / min(im.size)
                     w, h = max(image_size, round(im.size[0] * s)), max(image_size, round(im.size[1] * s))
                     im = im.resize((w, h), Image.BICUBIC)
                     left, top = (w - image_size) // 2, (h - image_size) // 2
                     im = im.crop((left, top, left + image_size, top + image_size))
-                images[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3).permute(2, 0, 1)
+                pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+                images[i] = pixels.view(image_size, image_size, 3).permute(2, 0, 1)
         except Exception as e:
             raise UserError(f"cannot read image {path}: {e}")
     labels = torch.tensor(labels, dtype=torch.long)

@@ -17,22 +17,26 @@ _warned = set()
 def knn_scores(train_features, train_labels, test_features, k, temperature, num_classes, chunk_size=1024):
     """(N_test, num_classes) weighted-vote scores of every test sample."""
     if k > train_features.shape[0]:
-        if (k, train_features.shape[0]) not in _warned:  # once per (k, bank size), not once per call
+        # once per (k, bank size), not once per call
+        if (k, train_features.shape[0]) not in _warned:
             _warned.add((k, train_features.shape[0]))
-            warnings.warn(f"kNN: k={k} is larger than the memory bank ({train_features.shape[0]} samples); using k={train_features.shape[0]}")
+            n = train_features.shape[0]
+            warnings.warn(f"kNN: k={k} is larger than the memory bank ({n} samples); using k={n}")
         k = train_features.shape[0]
     train = F.normalize(train_features.float(), dim=1)
     labels = train_labels.to(train.device).long()
     scores = torch.zeros(test_features.shape[0], num_classes, device=train.device)
     for start in range(0, test_features.shape[0], chunk_size):
         test = F.normalize(test_features[start:start + chunk_size].to(train.device).float(), dim=1)
-        sim, idx = (test @ train.T).topk(k, dim=1)  # (chunk, k) nearest neighbours by cosine
+        # (chunk, k) nearest neighbours by cosine
+        sim, idx = (test @ train.T).topk(k, dim=1)
         weight = (sim / temperature).exp()
         scores[start:start + chunk_size].scatter_add_(1, labels[idx], weight)
     return scores
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, k, temperature, num_classes, chunk_size=1024):
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k, temperature, num_classes,
+                 chunk_size=1024):
     """(top1, top5) accuracy in percent; top-5 counts min(5, num_classes) guesses."""
     scores = knn_scores(train_features, train_labels, test_features, k, temperature, num_classes, chunk_size)
     pred = scores.topk(min(5, num_classes), dim=1).indices

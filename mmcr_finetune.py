@@ -57,17 +57,19 @@ class Config:
     weight_decay: float = arg(1e-6, "Adam (L2) weight decay")
     warmup_duration: float = arg(0.1, "fraction of all steps spent in linear warm-up before the cosine decay")
     finetune_type: str = arg("linear", "linear (frozen backbone) or backbone+linear (everything trains)")
-    frozen_bn: str = arg("train", "linear: train (the reference: the frozen backbone's BatchNorm uses batch statistics in "
-                         "training and re-estimates its running ones) or eval (its statistics stay those of pretraining)")
+    frozen_bn: str = arg("train", "linear: train (the reference: the frozen backbone's BatchNorm uses batch statistics "
+                         "in training and re-estimates its running ones) or eval (they stay those of pretraining)")
     backbone_lr_scale: float = arg(0.1, "backbone learning rate = this x --learning-rate (backbone+linear only)")
-    augment: str = arg("ssl", "ssl (the pretraining augmentation, as the reference), crop-flip (4-px padded crop + flip) or none")
+    augment: str = arg("ssl", "ssl (the pretraining augmentation, as the reference), crop-flip (4-px padded crop + "
+                       "flip) or none")
     num_neighbours: int = arg(200, "k of the kNN check of the loaded backbone")
     temperature: float = arg(0.5, "temperature of the kNN check of the loaded backbone")
     eval_every: int = arg(1, "test evaluation every this many epochs (0: only after the last, always done)")
     image_size: int = arg(0, "side of the square images (0: the checkpoint's)")
     # the run: where, how, how often
     data_dir: str = arg("./data", "where CIFAR is downloaded and decoded ImageFolders are cached")
-    output_dir: str = arg("", "run folder (default runs/mmcr-finetune/<timestamp>); one that holds a run needs --resume")
+    output_dir: str = arg("", "run folder (default runs/mmcr-finetune/<timestamp>); one that holds a run needs "
+                          "--resume")
     resume: str = arg("", "a checkpoint of this script to resume from, or 'auto' for <output-dir>/last.pt if it exists")
     limit_train: int = arg(0, "use a random subset of this many training images (0 = all)")
     limit_test: int = arg(0, "use a random subset of this many test images (0 = all)")
@@ -75,8 +77,8 @@ class Config:
     precision: str = arg("auto", "auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
     compile: bool = arg(False, "torch.compile the model")
     log_every: int = arg(50, "steps between progress-bar updates (the only host syncs of the loop)")
-    checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch, at a log step, this long after the last save "
-                                    "(0: only at epoch ends)")
+    checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch, at a log step, this many minutes "
+                                    "after the last save (0: only at epoch ends)")
     seed: int = arg(42, "random seed")
 
 
@@ -97,20 +99,22 @@ def load_dataset(cfg):
         except Exception as e:
             raise UserError(f"could not load or download {cfg.dataset} into {cfg.data_dir} ({type(e).__name__}: {e}); "
                             f"offline, put the python version of the archive from "
-                            f"https://www.cs.toronto.edu/~kriz/cifar.html into {cfg.data_dir}, or pass an ImageFolder root")
-        split = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets)) for d in (train, test)]
+                            f"https://www.cs.toronto.edu/~kriz/cifar.html into {cfg.data_dir}, "
+                            f"or pass an ImageFolder root")
+        split = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
+                 for d in (train, test)]
         classes, stats = train.classes, CIFAR_STATS[cfg.dataset]
         if cfg.image_size != 32:
-            split = [(F.interpolate(x.float(), size=cfg.image_size, mode="bicubic", antialias=True).round().clamp(0, 255).byte(), y)
-                     for x, y in split]
+            resize = lambda x: F.interpolate(x.float(), size=cfg.image_size, mode="bicubic", antialias=True)
+            split = [(resize(x).round().clamp(0, 255).byte(), y) for x, y in split]
     else:
         for s in ("train", "test"):
             if not os.path.isdir(os.path.join(cfg.dataset, s)):
                 raise UserError(f"--dataset {cfg.dataset}: no folder {os.path.join(cfg.dataset, s)} "
                                 f"(expected cifar10, cifar100 or an ImageFolder root with train/ and test/)")
         cache = os.path.join(cfg.data_dir, "cache")
-        (xtr, ytr, classes), (xte, yte, test_classes) = (load_image_folder(os.path.join(cfg.dataset, s), cfg.image_size, cache)
-                                                         for s in ("train", "test"))
+        xtr, ytr, classes = load_image_folder(os.path.join(cfg.dataset, "train"), cfg.image_size, cache)
+        xte, yte, test_classes = load_image_folder(os.path.join(cfg.dataset, "test"), cfg.image_size, cache)
         if test_classes != classes:
             raise UserError(f"--dataset {cfg.dataset}: train has classes {classes[:5]}... ({len(classes)}), "
                             f"test has {test_classes[:5]}... ({len(test_classes)})")
@@ -149,8 +153,9 @@ def sample_crops(n, height, width, scale, ratio, gen):
     fw = width if ratio[0] <= in_ratio <= ratio[1] else (width if in_ratio < ratio[0] else round(height * ratio[1]))
     fh = height if ratio[0] <= in_ratio <= ratio[1] else (round(width / ratio[0]) if in_ratio < ratio[0] else height)
     w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
-    top = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (height - h + 1)).floor(), ((height - h) / 2).floor())
-    left = torch.where(ok, (torch.rand(n, device=dev, generator=gen) * (width - w + 1)).floor(), ((width - w) / 2).floor())
+    u_top, u_left = torch.rand(n, device=dev, generator=gen), torch.rand(n, device=dev, generator=gen)
+    top = torch.where(ok, (u_top * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(ok, (u_left * (width - w + 1)).floor(), ((width - w) / 2).floor())
     return top, left, h, w
 
 
@@ -252,7 +257,8 @@ def solarize(x, threshold=0.5):
     return torch.where(x >= threshold, 1 - x, x)
 
 
-def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, blur, p_solarize, solarize_threshold):
+def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, blur, p_solarize,
+            solarize_threshold):
     """A batch of uint8 images (N, 3, H, W) -> N independently augmented, normalised float views.
 
     RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
@@ -262,7 +268,7 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
     To add an op: draw its parameters for all N views from `gen` (u(lo, hi), coin(p)), compute it for every
     view as batched tensor maths, and keep it where its coin came up: x = torch.where(coin(p).view(-1, 1, 1, 1),
     op(x), x). No Python loop over views, no .item(): that keeps the GPU busy. This block is shared: copy an
-    edit to empssl_pretrain.py and mmcr_finetune.py too (test_shared_blocks_are_the_same_code fails otherwise).
+    edit to empssl_pretrain.py and mmcr_finetune.py too (test_shared_definitions_are_identical fails otherwise).
     """
     n, dev = images.shape[0], images.device
     u = lambda lo, hi: torch.empty(n, device=dev).uniform_(lo, hi, generator=gen)
@@ -292,13 +298,13 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
 
 # The reference's transforms run on PIL images, so RandomSolarize(0.5) compares uint8 values 0..255 with 0.5 and
 # inverts every pixel >= 1: 1/255 here. RandomGrayscale() without p is torchvision's default p = 0.1.
-AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.1, p_blur=0.1,
-               blur="kernel3", p_solarize=0.2, solarize_threshold=1 / 255)
+AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.1,
+               p_blur=0.1, blur="kernel3", p_solarize=0.2, solarize_threshold=1 / 255)
 
 
 @functools.lru_cache(maxsize=None)
 def channel_stats(mean, std, device):
-    """mean and std as (1, 3, 1, 1) tensors on the device, made once: a host-to-device copy every step stalls the GPU."""
+    """mean and std as (1, 3, 1, 1) tensors on the device, made once (a host-to-device copy per step stalls the GPU)."""
     return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
 
 
@@ -346,7 +352,8 @@ class Classifier(nn.Module):
         self.backbone, self.fc = cifar_resnet18(), nn.Linear(512, num_classes)
         self.frozen, self.frozen_eval = frozen, frozen and frozen_bn == "eval"
         self.backbone.requires_grad_(not frozen)
-        self.train()  # with --frozen-bn eval, puts a frozen backbone in eval mode from the start
+        # with --frozen-bn eval, puts a frozen backbone in eval mode from the start
+        self.train()
 
     def forward(self, x):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
@@ -370,7 +377,7 @@ def extract_features(backbone, images, mean, std, batch_size=1024):
     """512-d backbone features of uint8 images (no augmentation), in chunks, in eval mode."""
     was_training = backbone.training
     backbone.eval()
-    feats = torch.cat([backbone(normalize(images[i:i + batch_size], mean, std)).float() for i in range(0, len(images), batch_size)])
+    feats = torch.cat([backbone(normalize(chunk, mean, std)).float() for chunk in images.split(batch_size)])
     backbone.train(was_training)
     return feats
 
@@ -380,7 +387,8 @@ def evaluate(head, inputs, labels, batch_size=1024):
     """(cross-entropy, top-1 %, top-5 %) of head (the classifier, or its fc on cached features) on inputs."""
     was_training = head.training
     head.eval()
-    sums = torch.zeros(3, device=labels.device)  # summed loss, top-1 hits, top-5 hits: one host sync at the end
+    # summed loss, top-1 hits, top-5 hits: one host sync at the end
+    sums = torch.zeros(3, device=labels.device)
     for i in range(0, len(inputs), batch_size):
         logits, y = head(inputs[i:i + batch_size]).float(), labels[i:i + batch_size]
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y.view(-1, 1)
@@ -390,11 +398,30 @@ def evaluate(head, inputs, labels, batch_size=1024):
     return loss, 100 * top1, 100 * top5
 
 
+@torch.no_grad()
+def check_backbone(cfg, backbone, data, mean, std, autocast, master, cached):
+    """Print the loaded backbone's kNN accuracy before training (a wrong checkpoint shows at once) and whether the
+    classifier trains on cached features; returns the features if it does, else (None, None)."""
+    xtr, ytr, xte, yte, classes = data
+    with autocast:
+        ftr, fte = (extract_features(backbone, x, mean, std) for x in (xtr, xte))
+    if master:
+        top1, top5 = knn_accuracy(ftr, ytr, fte, yte, cfg.num_neighbours, cfg.temperature, len(classes))
+        print(f"loaded backbone of {cfg.checkpoint}: knn top1 {top1:.2f} top5 {top5:.2f} "
+              f"(k={cfg.num_neighbours}, T={cfg.temperature})")
+        if cached:
+            print("frozen backbone and --augment none: training the linear layer on cached features")
+        elif cfg.finetune_type == "linear" and cfg.augment == "none":
+            print("--frozen-bn train: the backbone's BatchNorm statistics change with every batch, so its features are "
+                  "computed at every step, not cached (--frozen-bn eval caches them)")
+    return (ftr, fte) if cached else (None, None)
+
+
 # ----------------------------------------------------------------------------- train
 
 
 def lr_at(step, total_steps, warmup_steps, base_lr):
-    """Linear warm-up from base_lr / warmup_steps to base_lr, then cosine decay towards 0: a pure function of the step."""
+    """Linear warm-up from base_lr / warmup_steps to base_lr, then cosine decay to 0: a pure function of the step."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
@@ -407,11 +434,7 @@ def main(cfg):
     cfg.output_dir = cfg.output_dir or os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
     if not cfg.resume:
         refuse_to_overwrite(cfg.output_dir)
-    pretrained = load_checkpoint(cfg.checkpoint, "mmcr_pretrain")
-    cfg.dataset = cfg.dataset or pretrained["config"]["dataset"]
-    cfg.image_size = cfg.image_size or pretrained["config"]["image_size"]
-    if cfg.image_size != pretrained["config"]["image_size"]:
-        raise UserError(f"--image-size {cfg.image_size} differs from the checkpoint's {pretrained['config']['image_size']}")
+    pretrained = load_pretrained(cfg)
 
     # data: each split once on the device as uint8, normalised as in pretraining
     with rank_zero_first(ddp, master):
@@ -423,6 +446,7 @@ def main(cfg):
     if cfg.batch_size > len(xtr):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(xtr)} images)")
     xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
+    data = xtr, ytr, xte, yte, classes
     local_batch = cfg.batch_size // world
     # the last partial batch is dropped
     steps_per_epoch = len(xtr) // cfg.batch_size
@@ -432,34 +456,26 @@ def main(cfg):
     # model, optimizer, resume
     frozen = cfg.finetune_type == "linear"
     model = Classifier(len(classes), frozen, cfg.frozen_bn).to(device).to(memory_format=torch.channels_last)
-    backbone = {k[len("backbone."):]: v for k, v in pretrained["model"].items() if k.startswith("backbone.")}
-    model.backbone.load_state_dict(backbone)
+    model.backbone.load_state_dict({k[9:]: v for k, v in pretrained["model"].items() if k.startswith("backbone.")})
     groups = [{"params": model.fc.parameters(), "lr_scale": 1.0}]
     groups += [] if frozen else [{"params": model.backbone.parameters(), "lr_scale": cfg.backbone_lr_scale}]
-    optimizer = torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    # fused: one kernel, and no host sync under fp16
+    optimizer = torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                 fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gen = torch.Generator(device)
     ckpt = resume(cfg, model, optimizer, scaler, steps_per_epoch, master, "another --finetune-type or dataset?")
     # the command line, not the checkpoint, sets the backbone's learning-rate scale
     for group, fresh in zip(optimizer.param_groups, groups):
         group["lr_scale"] = fresh["lr_scale"]
-    start_step, best, aug_states = (ckpt["step"], ckpt["best"], ckpt["aug_rng"]) if ckpt else (0, {"top1": -1.0, "top5": -1.0, "epoch": 0}, None)
+    start_step, best, aug_states = 0, {"top1": -1.0, "top5": -1.0, "epoch": 0}, None
+    if ckpt:
+        start_step, best, aug_states = ckpt["step"], ckpt["best"], ckpt["aug_rng"]
 
-    # The loaded backbone's kNN accuracy first: a wrong checkpoint shows at once. A frozen backbone in eval mode
-    # without augmentation always gives the same features, so the linear layer then trains on these, cached.
+    # A frozen backbone in eval mode without augmentation always gives the same features: the linear layer then
+    # trains on these, cached.
     cached = frozen and cfg.augment == "none" and cfg.frozen_bn == "eval"
-    with autocast:
-        ftr, fte = (extract_features(model.backbone, x, mean, std) for x in (xtr, xte))
-    if master:
-        top1, top5 = knn_accuracy(ftr, ytr, fte, yte, cfg.num_neighbours, cfg.temperature, len(classes))
-        print(f"loaded backbone of {cfg.checkpoint}: knn top1 {top1:.2f} top5 {top5:.2f} (k={cfg.num_neighbours}, T={cfg.temperature})")
-        if cached:
-            print("frozen backbone and --augment none: training the linear layer on cached features")
-        elif frozen and cfg.augment == "none":
-            print("--frozen-bn train: the backbone's BatchNorm statistics change with every batch, so its features are "
-                  "computed at every step, not cached (--frozen-bn eval caches them)")
-    if not cached:
-        del ftr, fte
+    ftr, fte = check_backbone(cfg, model.backbone, data, mean, std, autocast, master, cached)
     raw_model = model
     # what a training step runs: on cached features, the linear layer alone
     model = model.fc if cached else model
@@ -468,8 +484,8 @@ def main(cfg):
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if master:
-        write_run_info(cfg, world_size=world, device=str(device), precision_used=precision, num_train=len(xtr), num_test=len(xte),
-                       num_classes=len(classes), steps_per_epoch=steps_per_epoch, mean=mean, std=std)
+        write_run_info(cfg, world_size=world, device=str(device), precision_used=precision, num_train=len(xtr),
+                       num_test=len(xte), num_classes=len(classes), steps_per_epoch=steps_per_epoch, mean=mean, std=std)
 
     def checkpoint(step):
         """The state after `step` steps, with every rank's augmentation RNG so that a mid-epoch resume is exact."""
@@ -483,58 +499,58 @@ def main(cfg):
         first = max(0, start_step - epoch * steps_per_epoch)
         perm = epoch_order(len(xtr), cfg.seed, epoch, device)
         seed_augmentation(gen, cfg.seed, epoch, rank, world, aug_states if first else None)
-        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", disable=not master,
-                   mininterval=1, leave=False)
         loss_sum, t_epoch, stop = torch.zeros((), device=device), time.time(), False
-        for i in range(first, steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.learning_rate))
-            idx = perm[i * cfg.batch_size + rank * local_batch:][:local_batch]
-            inputs = ftr[idx] if cached else train_views(xtr[idx], gen, mean, std, cfg.augment)
-            with autocast:
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), ytr[idx])
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            bar.update()
-            if control.syncs_at(step + 1, cfg.log_every):
-                stop, save = control.poll(step + 1, loss, raw_model)
-                images_s = (i + 1 - first) * cfg.batch_size / (time.time() - t_epoch)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{images_s:.0f}")
-                # a stop or a timed save at an epoch's last step is left to the epoch end below
-                if (stop or save) and i + 1 < steps_per_epoch:
-                    control.save(checkpoint(step + 1), cfg.output_dir, "last.pt")
-                if stop:
-                    break
-        bar.close()
+        # the bar closes also when an error (a divergence) leaves the loop
+        with tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", disable=not master,
+                  mininterval=1, leave=False) as bar:
+            for i in range(first, steps_per_epoch):
+                step = epoch * steps_per_epoch + i
+                lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.learning_rate))
+                idx = perm[i * cfg.batch_size + rank * local_batch:][:local_batch]
+                inputs = ftr[idx] if cached else train_views(xtr[idx], gen, mean, std, cfg.augment)
+                with autocast:
+                    logits = model(inputs)
+                loss = F.cross_entropy(logits.float(), ytr[idx])
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                bar.update()
+                if control.syncs_at(step + 1, cfg.log_every):
+                    stop, save = control.poll(step + 1, loss, raw_model)
+                    images_s = (i + 1 - first) * cfg.batch_size / (time.time() - t_epoch)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", img_s=f"{images_s:.0f}")
+                    # a stop or a timed save at an epoch's last step is left to the epoch end below
+                    if (stop or save) and i + 1 < steps_per_epoch:
+                        control.save(checkpoint(step + 1), cfg.output_dir, "last.pt")
+                    if stop:
+                        break
 
         # end of epoch: test, metrics, checkpoints
         if i + 1 == steps_per_epoch:
             stop = control.poll(step + 1, loss, raw_model)[0] or stop
-            seconds = elapsed(t_epoch, device)
-            stats = {"epoch": epoch + 1, "step": step + 1, "train_loss": loss_sum.item() / (steps_per_epoch - first), "lr": lr,
-                     "test_loss": None, "top1": None, "top5": None, "epoch_seconds": round(seconds, 3),
-                     "images_per_second": round((steps_per_epoch - first) * cfg.batch_size / seconds, 1)}
+            seconds, steps, test_loss, top1, top5 = elapsed(t_epoch, device), steps_per_epoch - first, None, None, None
             if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs:
                 # rank 0 tests while the others wait
                 if master:
                     with autocast:
-                        test = evaluate(raw_model.fc, fte, yte) if cached else evaluate(raw_model, normalize(xte, mean, std), yte)
-                    stats["test_loss"], stats["top1"], stats["top5"] = test
+                        test_loss, top1, top5 = (evaluate(raw_model.fc, fte, yte) if cached
+                                                 else evaluate(raw_model, normalize(xte, mean, std), yte))
                 if ddp:
                     dist.barrier()
-            improved = master and stats["top1"] is not None and stats["top1"] > best["top1"]
+            stats = {"epoch": epoch + 1, "step": step + 1, "train_loss": loss_sum.item() / steps, "lr": lr,
+                     "test_loss": test_loss, "top1": top1, "top5": top5, "epoch_seconds": round(seconds, 3),
+                     "images_per_second": round(steps * cfg.batch_size / seconds, 1)}
+            improved = master and top1 is not None and top1 > best["top1"]
             if improved:
-                best = {"top1": stats["top1"], "top5": stats["top5"], "epoch": epoch + 1}
+                best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
             control.save(checkpoint(step + 1), cfg.output_dir, *(["best.pt"] if improved else []), "last.pt")
             if master:
                 append_metrics(cfg.output_dir, stats)
-                test = f"test loss {stats['test_loss']:.4f} top1 {stats['top1']:.2f} top5 {stats['top5']:.2f}" if stats["top1"] is not None else "test -"
-                print(f"epoch {epoch + 1}/{cfg.max_epochs} step {step + 1} train loss {stats['train_loss']:.4f} lr {lr:.2e} {test} "
-                      f"{seconds:.1f}s {stats['images_per_second']:.0f} images/s", flush=True)
+                test = "test -" if top1 is None else f"test loss {test_loss:.4f} top1 {top1:.2f} top5 {top5:.2f}"
+                print(f"epoch {epoch + 1}/{cfg.max_epochs} step {step + 1} train loss {stats['train_loss']:.4f} "
+                      f"lr {lr:.2e} {test} {seconds:.1f}s {stats['images_per_second']:.0f} images/s", flush=True)
         if stop:
             control.interrupted(cfg.output_dir, step + 1)
     if master:
@@ -555,17 +571,30 @@ class Diverged(Exception):
     """Non-finite weights: one line on stderr, exit code 3; last.pt and best.pt keep the last finite state."""
 
     def __init__(self, step, loss):
-        super().__init__(f"training diverged at step {step}: the loss is {loss:.4g} and the weights are no longer finite; "
-                         f"last.pt and best.pt keep the last finite state. Try a lower --learning-rate, or --precision bf16 "
-                         f"or fp32 if this ran in fp16")
+        super().__init__(f"training diverged at step {step}: the loss is {loss:.4g} and the weights are no longer "
+                         f"finite; last.pt and best.pt keep the last finite state. Try a lower --learning-rate, or "
+                         f"--precision bf16 or fp32 if this ran in fp16")
+
+
+def load_pretrained(cfg):
+    """The mmcr_pretrain.py checkpoint of --checkpoint; its dataset and image size fill in those left unset."""
+    pretrained = load_checkpoint(cfg.checkpoint, "mmcr_pretrain")
+    cfg.dataset = cfg.dataset or pretrained["config"]["dataset"]
+    cfg.image_size = cfg.image_size or pretrained["config"]["image_size"]
+    if cfg.image_size != pretrained["config"]["image_size"]:
+        raise UserError(f"--image-size {cfg.image_size} differs from the checkpoint's "
+                        f"{pretrained['config']['image_size']}")
+    return pretrained
 
 
 def check_config(cfg):
     problems = [(not cfg.checkpoint, "--checkpoint is required (a last.pt / best.pt of mmcr_pretrain.py)"),
-                (cfg.finetune_type not in ("linear", "backbone+linear"), "--finetune-type must be linear or backbone+linear"),
+                (cfg.finetune_type not in ("linear", "backbone+linear"),
+                 "--finetune-type must be linear or backbone+linear"),
                 (cfg.augment not in ("ssl", "crop-flip", "none"), "--augment must be ssl, crop-flip or none"),
                 (cfg.frozen_bn not in ("train", "eval"), "--frozen-bn must be train or eval"),
-                (cfg.backbone_lr_scale < 0 or cfg.weight_decay < 0, "--backbone-lr-scale and --weight-decay must be >= 0"),
+                (cfg.backbone_lr_scale < 0 or cfg.weight_decay < 0,
+                 "--backbone-lr-scale and --weight-decay must be >= 0"),
                 (cfg.batch_size < 1, "--batch-size must be positive"),
                 (cfg.max_epochs < 1, "--max-epochs must be at least 1"),
                 (cfg.learning_rate <= 0, "--learning-rate must be positive"),
@@ -598,8 +627,9 @@ def parse_config(argv=None):
 
 
 def setup(cfg):
-    """(ddp, rank, world, device, precision, autocast). DDP when torchrun set RANK: one process per GPU (NCCL) or per
-    CPU process (gloo); otherwise one process. bf16 where the GPU has it (compute capability 8+), fp16 before, fp32 on CPU."""
+    """(ddp, rank, world, device, precision, autocast). DDP when torchrun set RANK: one process per GPU (NCCL) or
+    per CPU process (gloo); otherwise one process. Precision auto: bf16 where the GPU has it (compute capability 8+),
+    fp16 with a GradScaler before, fp32 on the CPU."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -616,7 +646,8 @@ def setup(cfg):
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     precision = cfg.precision
     if precision == "auto":
-        precision = "fp32" if device.type == "cpu" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        precision = "fp32" if device.type == "cpu" else "bf16" if bf16 else "fp16"
     ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=precision != "fp32")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -637,14 +668,16 @@ def rank_zero_first(ddp, master):
 
 def refuse_to_overwrite(output_dir):
     """Without --resume, a folder that already holds a run is an error, and nothing in it is touched."""
-    found = [f for f in ("config.json", "metrics.jsonl", "last.pt", "best.pt") if os.path.exists(os.path.join(output_dir, f))]
+    found = [f for f in ("config.json", "metrics.jsonl", "last.pt", "best.pt")
+             if os.path.exists(os.path.join(output_dir, f))]
     if found:
-        raise UserError(f"--output-dir {output_dir} already holds a run ({', '.join(found)}): pass --resume auto to continue "
-                        f"it, or choose another --output-dir")
+        raise UserError(f"--output-dir {output_dir} already holds a run ({', '.join(found)}): pass --resume auto to "
+                        f"continue it, or choose another --output-dir")
 
 
 def resume(cfg, model, optimizer, scaler, steps_per_epoch, master, hint):
-    """Load --resume (auto: <output-dir>/last.pt if there is one) into model, optimizer and scaler; the checkpoint or None.
+    """Load --resume (auto: <output-dir>/last.pt if there is one) into model, optimizer and scaler: the checkpoint,
+    or None for a fresh run.
 
     The command line, not the checkpoint, sets the recipe (a longer --max-epochs extends a run). metrics.jsonl keeps
     only the lines up to the checkpoint's step, so that a run resumed from an older checkpoint never repeats an epoch.
@@ -726,8 +759,8 @@ class RunControl:
 
     def interrupted(self, output_dir, step):
         if self.master:
-            print(f"interrupted: saved {os.path.join(output_dir, 'last.pt')} at step {step}; continue with --resume auto "
-                  f"--output-dir {output_dir}", file=sys.stderr)
+            print(f"interrupted: saved {os.path.join(output_dir, 'last.pt')} at step {step}; continue with "
+                  f"--resume auto --output-dir {output_dir}", file=sys.stderr)
         if self.ddp:
             dist.destroy_process_group()
         sys.exit(128 + (self.signals[0] if self.signals else signal.SIGTERM))
@@ -784,7 +817,8 @@ def read_torch_file(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable {what}: corrupt, truncated or not written by torch.save ({type(e).__name__})")
+        raise UserError(f"{path} is not a readable {what}: corrupt, truncated or not written by torch.save "
+                        f"({type(e).__name__})")
 
 
 def load_checkpoint(path, script):
@@ -805,16 +839,19 @@ def load_image_folder(root, image_size, cache_dir):
     for label, c in enumerate(classes):
         for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
             for n in sorted(names):
-                if n.lower().endswith(IMG_EXTENSIONS):  # like torchvision's ImageFolder, skip non-images
+                # like torchvision's ImageFolder, skip non-images
+                if n.lower().endswith(IMG_EXTENSIONS):
                     files.append(os.path.join(dirpath, n))
                     labels.append(label)
     if not files:
         raise UserError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
     present = set(labels)
     empty = [c for i, c in enumerate(classes) if i not in present]
-    if empty:  # as torchvision's ImageFolder: a class without images is an error, not a silent extra output
+    # as torchvision's ImageFolder: a class without images is an error, not a silent extra output
+    if empty:
         raise UserError(f"no images in the class folders {[os.path.join(root, c) for c in empty][:5]}")
-    key = hashlib.sha1(repr((os.path.abspath(root), image_size, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])).encode()).hexdigest()[:16]
+    listing = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    key = hashlib.sha1(repr((os.path.abspath(root), image_size, listing)).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir, f"imagefolder-{key}.pt")
     if os.path.exists(cache):
         # a cache must never break a run: one that is truncated, corrupt or stale is decoded again
@@ -825,20 +862,24 @@ def load_image_folder(root, image_size, cache_dir):
             problem = "it does not match the image folder"
         except Exception as e:
             problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}"
-        print(f"warning: cannot use the cached decoded images {cache} ({problem}); removing it and decoding again", file=sys.stderr)
+        print(f"warning: cannot use the cached decoded images {cache} ({problem}); removing it and decoding again",
+              file=sys.stderr)
         os.remove(cache)
     images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
     for i, path in enumerate(tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1)):
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")  # grayscale, palette and RGBA all occur in the wild
-                if im.size != (image_size, image_size):  # shorter side to image_size, then centre crop
+                # grayscale, palette and RGBA all occur in the wild
+                im = im.convert("RGB")
+                # shorter side to image_size, then centre crop
+                if im.size != (image_size, image_size):
                     s = image_size / min(im.size)
                     w, h = max(image_size, round(im.size[0] * s)), max(image_size, round(im.size[1] * s))
                     im = im.resize((w, h), Image.BICUBIC)
                     left, top = (w - image_size) // 2, (h - image_size) // 2
                     im = im.crop((left, top, left + image_size, top + image_size))
-                images[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3).permute(2, 0, 1)
+                pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+                images[i] = pixels.view(image_size, image_size, 3).permute(2, 0, 1)
         except Exception as e:
             raise UserError(f"cannot read image {path}: {e}")
     labels = torch.tensor(labels, dtype=torch.long)
