@@ -445,10 +445,7 @@ if __name__ == "__main__":
     cfg = parse_config()
     try:
         main(cfg)
-    # OSError: an unwritable --output-dir or --data-dir, a full disk
-    except (UserError, OSError) as e:
+    # OSError: an unwritable --output-dir or --data-dir, a full disk. Exit code 2: bad input; 3: training diverged.
+    except (UserError, OSError, Diverged) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Diverged as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(3 if isinstance(e, Diverged) else 2)
