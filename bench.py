@@ -9,7 +9,7 @@ the small side (m x m) against the direct d x d logdet.
 
     python bench.py                                   # CPU: small shape (8 x 4 views), under a minute
     python bench.py --device cuda                     # GPU: the recipe's 64 images x 16 views
-    python bench.py --device cuda --compile --only mmcr_step   # one row, the model under torch.compile
+    python bench.py --device cuda --compile --only mmcr_step   # one step, model and augmentation compiled
     python bench.py --device cpu --steps 10 --warmup 2     # quicker, noisier
 
 New sections (an EMP-SSL step, a finetune step) are functions bench_xxx(args, device) -> list of rows,
@@ -123,7 +123,7 @@ def bench_mmcr_step(args, device):
 
     def views():
         idx = torch.randint(len(pool), (b,), device=device, generator=gen)
-        return mmcr_pretrain.augment(pool[idx].repeat_interleave(v, 0), gen, MEAN, STD, **AUG)
+        return mmcr_pretrain.augment(pool[idx].repeat_interleave(v, 0), gen, MEAN, STD, compile=args.compile, **AUG)
 
     def make_step(inputs):
         return train_step(model, optimizer, args, device, inputs, lambda z: mmcr_pretrain.mmcr_loss(z.view(b, v, -1)))
@@ -135,9 +135,11 @@ def bench_augment_batched(args, device):
     gen = torch.Generator(device).manual_seed(0)
     images = torch.randint(0, 256, (args.aug_views, 3, 32, 32), dtype=torch.uint8, device=device)
     reset_peak(device)
-    t = timeit(lambda: mmcr_pretrain.augment(images, gen, MEAN, STD, **AUG), args.steps, args.warmup, device)
+    fn = lambda: mmcr_pretrain.augment(images, gen, MEAN, STD, compile=args.compile, **AUG)
+    t = timeit(fn, args.steps, args.warmup, device)
     return [row("augment batched (mmcr_pretrain)", args.aug_views, t, peak_memory(device),
-                f"on {device.type}, {args.aug_views} views/call, {torch.get_num_threads()} threads")]
+                f"on {device.type}, {args.aug_views} views/call, {torch.get_num_threads()} threads"
+                f"{', compiled' if args.compile else ''}")]
 
 
 def per_image_pipeline():
@@ -233,7 +235,7 @@ def bench_empssl_step(args, device):
 
     def patches():
         idx = torch.randint(len(pool), (b,), device=device, generator=gen)
-        half, aug = (0.5,) * 3, empssl_pretrain.AUGMENT
+        half, aug = (0.5,) * 3, dict(empssl_pretrain.AUGMENT, compile=args.compile)
         return empssl_pretrain.augment(pool[idx].repeat_interleave(p, 0), gen, half, half, 32, **aug)
 
     def loss_fn(out):
@@ -335,7 +337,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 if supported, else fp16 on GPU, fp32 on CPU (as mmcr_pretrain.py)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model and the augmentation, as the scripts' --compile")
     p.add_argument("--batch-size", type=int, help="images per MMCR step (default 64 on GPU, 8 on CPU)")
     p.add_argument("--num-views", type=int, help="views per image (default 16 on GPU, 4 on CPU)")
     p.add_argument("--aug-views", type=int, default=1024, help="views per call of the augmentation benchmarks")

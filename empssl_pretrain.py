@@ -81,7 +81,7 @@ class Config:
     limit_test: int = arg(0, "use a random subset of this many test images (0 = all)")
     device: str = arg("auto", "auto, cuda or cpu")
     precision: str = arg("auto", "auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
-    compile: bool = arg(False, "torch.compile the model")
+    compile: bool = arg(False, "torch.compile the model and the augmentation")
     log_every: int = arg(50, "steps between progress-bar updates (the only host syncs of the loop)")
     checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch, at a log step, this many minutes "
                                     "after the last save (0: only at epoch ends)")
@@ -143,12 +143,13 @@ def load_dataset(cfg):
 # torchvision.transforms.v2.functional applied to one image with those parameters (the tests check each op).
 
 
-def sample_crops(n, height, width, scale, ratio, gen):
-    """RandomResizedCrop.get_params for n views at once: (top, left, h, w) integer-valued float tensors."""
-    dev = gen.device
+def sample_crops(draws, height, width, scale, ratio):
+    """RandomResizedCrop.get_params for n views at once, from 22 uniform draws per view (n, 22): the area and
+    the aspect of 10 tries, then the position. Returns (top, left, h, w) as integer-valued float tensors."""
     area = height * width
-    target = area * torch.empty(n, 10, device=dev).uniform_(scale[0], scale[1], generator=gen)
-    aspect = torch.exp(torch.empty(n, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen))
+    target = area * (scale[0] + (scale[1] - scale[0]) * draws[:, :10])
+    log_ratio = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * draws[:, 10:20])
     w, h = torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     # torchvision takes the first of 10 tries that fits
@@ -159,9 +160,8 @@ def sample_crops(n, height, width, scale, ratio, gen):
     fw = width if ratio[0] <= in_ratio <= ratio[1] else (width if in_ratio < ratio[0] else round(height * ratio[1]))
     fh = height if ratio[0] <= in_ratio <= ratio[1] else (round(width / ratio[0]) if in_ratio < ratio[0] else height)
     w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
-    u_top, u_left = torch.rand(n, device=dev, generator=gen), torch.rand(n, device=dev, generator=gen)
-    top = torch.where(ok, (u_top * (height - h + 1)).floor(), ((height - h) / 2).floor())
-    left = torch.where(ok, (u_left * (width - w + 1)).floor(), ((width - w) / 2).floor())
+    top = torch.where(ok, (draws[:, 20] * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(ok, (draws[:, 21] * (width - w + 1)).floor(), ((width - w) / 2).floor())
     return top, left, h, w
 
 
@@ -263,23 +263,43 @@ def solarize(x, threshold=0.5):
     return torch.where(x >= threshold, 1 - x, x)
 
 
-def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, blur, p_solarize,
-            solarize_threshold):
+# Uniform draws per view: 22 for the crop, 4 for ColorJitter's order, then one per coin and per random factor.
+DRAWS = 36
+
+
+def augment(images, gen, mean, std, size, compile=False, **aug):
     """A batch of uint8 images (N, 3, H, W) -> N independently augmented, normalised float views.
+
+    One call to the generator draws every random number of every view; augment_views turns them into views
+    with tensor maths alone. Eager, that is about 150 small kernels, which on a GPU cost more time to launch
+    than to run; with compile=True (--compile) torch.compile fuses them into a few.
+    """
+    draws = torch.rand(images.shape[0], DRAWS, device=images.device, generator=gen)
+    m, s = channel_stats(tuple(mean), tuple(std), images.device)
+    return (compiled(augment_views) if compile else augment_views)(images, draws, m, s, size, **aug)
+
+
+def augment_views(images, draws, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, blur, p_solarize,
+                  solarize_threshold):
+    """uint8 images (N, 3, H, W) and DRAWS uniform numbers per view -> the views, normalised with the (1, 3, 1, 1)
+    tensors mean and std.
 
     RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
     (sigma 0.1-2; blur "kernel3": torchvision's GaussianBlur(3), "pil": PIL's GaussianBlur(radius=sigma)),
     solarize, normalise: the per-image pipeline of the reference code, every random parameter drawn per view.
 
-    To add an op: draw its parameters for all N views from `gen` (u(lo, hi), coin(p)), compute it for every
-    view as batched tensor maths, and keep it where its coin came up: x = torch.where(coin(p).view(-1, 1, 1, 1),
-    op(x), x). No Python loop over views, no .item(): that keeps the GPU busy. This block is shared: copy an
-    edit to empssl_pretrain.py and mmcr_finetune.py too (test_shared_definitions_are_identical fails otherwise).
+    To add an op: raise DRAWS by the numbers it needs, take them with u(lo, hi) and coin(p), compute the op for
+    every view as batched tensor maths, and keep it where its coin came up: x = torch.where(coin(p).view(-1, 1, 1,
+    1), op(x), x). No Python loop over views, no .item(), no random call here: that keeps the GPU busy and the
+    function compilable. This block is shared: copy an edit to empssl_pretrain.py and mmcr_finetune.py too
+    (test_shared_definitions_are_identical fails otherwise).
     """
-    n, dev = images.shape[0], images.device
-    u = lambda lo, hi: torch.empty(n, device=dev).uniform_(lo, hi, generator=gen)
-    coin = lambda p: torch.rand(n, device=dev, generator=gen) < p
-    top, left, h, w = sample_crops(n, images.shape[2], images.shape[3], scale, ratio, gen)
+    top, left, h, w = sample_crops(draws[:, :22], images.shape[2], images.shape[3], scale, ratio)
+    # the position of each ColorJitter op in the view's order
+    order = draws[:, 22:26].argsort(1)
+    rest = iter(draws[:, 26:].unbind(1))
+    u = lambda lo, hi: lo + (hi - lo) * next(rest)
+    coin = lambda p: next(rest) < p
     x = resized_crop_flip(images.float().div_(255), top, left, h, w, coin(0.5), size)
     # ColorJitter applies brightness, contrast, saturation and hue in a random order per view. The first
     # three are linear and commute (up to clamping), so only where hue falls matters: the linear ops
@@ -287,8 +307,6 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
     apply = coin(p_jitter)
     factors = [torch.where(apply, u(1 - j, 1 + j), 1.0) for j in jitter[:3]]
     hue = torch.where(apply, u(-jitter[3], jitter[3]), 0.0)
-    # the position of each op in the view's order
-    order = torch.rand(n, 4, device=dev, generator=gen).argsort(1)
     for before in (True, False):
         b, c, s = (torch.where((order[:, i] < order[:, 3]) == before, f, 1.0) for i, f in enumerate(factors))
         x = adjust_saturation(adjust_contrast(adjust_brightness(x, b), c), s)
@@ -299,7 +317,7 @@ def augment(images, gen, mean, std, size, scale, ratio, jitter, p_jitter, p_gray
     blurred = gaussian_blur(x, sigma) if blur == "kernel3" else pil_gaussian_blur(x, sigma)
     x = torch.where(coin(p_blur).view(-1, 1, 1, 1), blurred, x)
     x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x, solarize_threshold), x)
-    return normalize(x, mean, std)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 # The reference solarizes PIL images with ImageOps.solarize's default threshold 128 (of 255) and blurs them with
@@ -541,7 +559,7 @@ def main(cfg):
     steps_per_epoch = len(xtr) // cfg.batch_size
     total_steps = cfg.max_epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_duration * total_steps)
-    aug = dict(AUGMENT, blur=cfg.blur)
+    aug = dict(AUGMENT, blur=cfg.blur, compile=cfg.compile)
 
     # model, optimizer, resume
     model = EMPSSLModel(cfg.hidden_dim, cfg.projection_dim).to(device).to(memory_format=torch.channels_last)
@@ -859,6 +877,12 @@ def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    """torch.compile(fn), made once per function; a run's shapes are fixed, so no dynamic shapes."""
+    return torch.compile(fn, dynamic=False)
 
 
 def elapsed(t, device):

@@ -335,7 +335,8 @@ def test_resized_crop_flip_matches_torchvision():
 def test_sample_crops_cover_the_ranges():
     H, W, n = 224, 256, 20000
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
-    top, left, h, w = pretrain.sample_crops(n, H, W, scale, ratio, torch.Generator().manual_seed(0))
+    draws = torch.rand(n, 22, generator=torch.Generator().manual_seed(0))
+    top, left, h, w = pretrain.sample_crops(draws, H, W, scale, ratio)
     for t in (top, left, h, w):
         assert t.shape == (n,) and torch.equal(t, t.round())
     assert ((top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
@@ -364,7 +365,7 @@ def test_sample_crops_cover_the_ranges():
 
 
 def test_sample_crops_fixed_size():
-    top, left, h, w = pretrain.sample_crops(2000, 32, 32, (0.25, 0.25), (1.0, 1.0), torch.Generator().manual_seed(0))
+    top, left, h, w = pretrain.sample_crops(torch.rand(2000, 22), 32, 32, (0.25, 0.25), (1.0, 1.0))
     assert (h == 16).all() and (w == 16).all()
     assert set(top.long().tolist()) == set(range(17)) and set(left.long().tolist()) == set(range(17))
 
@@ -374,7 +375,7 @@ def test_sample_crops_fallback_matches_torchvision(height, width):
     """No try fits (aspect of the image outside the ratio range, scale near 1): torchvision's centred fallback box."""
     scale, ratio = (0.9, 1.0), (3 / 4, 4 / 3)
     expected = RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(ratio))
-    got = pretrain.sample_crops(5, height, width, scale, ratio, torch.Generator().manual_seed(0))
+    got = pretrain.sample_crops(torch.rand(5, 22), height, width, scale, ratio)
     for k in range(5):
         assert tuple(int(t[k]) for t in got) == tuple(expected)
 
@@ -397,6 +398,16 @@ def test_augment_output(size):
     assert not torch.allclose(out, pretrain.augment(images, torch.Generator().manual_seed(2), MEAN, STD, size, **AUG))
     # the views of one image differ
     assert not torch.allclose(out[0], out[1])
+
+
+def test_augment_compiled_matches_eager():
+    """--compile runs augment_views through torch.compile: the same views as eager from the same draws (EMP-SSL's
+    recipe, whose PIL blur adds the convolutions to MMCR's ops; one graph, no break)."""
+    images = natural_images(8).repeat_interleave(4, 0)
+    eager = empssl.augment(images, torch.Generator().manual_seed(0), MEAN, STD, 32, **empssl.AUGMENT)
+    fused = empssl.augment(images, torch.Generator().manual_seed(0), MEAN, STD, 32, compile=True, **empssl.AUGMENT)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-4)
+    assert fused.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("p_jitter", [0.0, 1.0])
