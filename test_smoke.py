@@ -400,6 +400,8 @@ def test_augment_output(size):
     assert not torch.allclose(out[0], out[1])
 
 
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
+                    reason="torch.compile on the CPU needs a C++ compiler")
 def test_augment_compiled_matches_eager():
     """--compile runs augment_views through torch.compile: the same views as eager from the same draws (EMP-SSL's
     recipe, whose PIL blur adds the convolutions to MMCR's ops; one graph, no break)."""

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The commands behind the README's GPU table, in order: bench.py, EMP-SSL (pretraining + bag-of-features kNN, then the
 # linear probe on its embeddings), MMCR on a 20-epoch schedule, a linear probe of that MMCR checkpoint, and the MMCR
-# step under torch.compile. Each log is tee'd to OUT, each run's metrics.jsonl and config.json copied there (never a
+# step under torch.compile; optionally EMP-SSL ablations. Each log is tee'd to OUT, each run's metrics.jsonl and config.json copied there (never a
 # checkpoint: those stay in WORK), and times.tsv gets one line per step: name, exit code, wall seconds.
 #
 #   bash results/reproduce.sh DATA OUT        # DATA: cifar10 (downloads) or an ImageFolder root such as cifar10-jpeg
 #
 # Variables (all optional):
-#   STEPS="bench empssl linear mmcr finetune compile"   the steps to run, in this order (a subset: only those)
+#   STEPS="bench empssl linear mmcr finetune compile"   the steps to run, in this order (a subset: only those);
+#                    "ablation" (not in the default) runs EMP-SSL once per entry of ABLATIONS after them
+#   ABLATIONS="seed43 seed44 fp16 unscaled"   EMP-SSL runs of the default recipe with one change each: seedN (--seed N),
+#                    fp16 / fp32 (--precision), unscaled (--unscaled-inputs), kernel3 (--blur kernel3); about 80 s
+#                    each on an H100. They tell seed noise from the suspects of the gap to the reference's kNN.
 #   MMCR_EPOCHS=20 MMCR_EVAL_EVERY=5   the MMCR schedule and its kNN interval
 #   MMCR_SECONDS=N   stop MMCR after N seconds (SIGTERM: it saves last.pt; metrics.jsonl holds the epochs done)
 #   BUDGET=N         stop MMCR early enough that the whole script ends within about N seconds (RESERVE=120 are kept
@@ -92,6 +96,22 @@ if wants finetune; then
 fi
 if wants compile; then
   step compile 0 python bench.py --compile --only mmcr_step "${compile[@]}" || failed=1
+fi
+if wants ablation; then
+  for a in ${ABLATIONS:-seed43 seed44 fp16 unscaled}; do
+    case $a in
+      seed[0-9]*) change=(--seed "${a#seed}") ;;
+      fp16 | fp32) change=(--precision "$a") ;;
+      unscaled) change=(--unscaled-inputs) ;;
+      kernel3) change=(--blur kernel3) ;;
+      *) echo "unknown ablation: $a (seedN, fp16, fp32, unscaled, kernel3)" >&2; failed=1; continue ;;
+    esac
+    step "empssl-$a" 0 python empssl_pretrain.py --dataset "$data" --data-dir "$work/data" --output-dir "$work/empssl-$a" \
+      "${empssl[@]}" "${change[@]}" || failed=1
+    keep "empssl-$a"
+    # each run writes about 0.6 GB of embeddings and checkpoints that nothing reads
+    rm -rf "${work:?}/empssl-$a"
+  done
 fi
 echo "results in $out, runs and checkpoints in $work"
 exit $failed
