@@ -280,6 +280,19 @@ def bench_tcr(args, device):
             row("tcr direct (d x d)", 2000, t_direct, peak_memory(device), "logdet of 20 matrices 1024 x 1024")]
 
 
+def bench_mmcr_loss(args, device):
+    """The MMCR loss alone, forward and backward, at the step's shape: svdvals of the 64 x 128 centroid matrix (the
+    backward needs the full SVD). Its share of the step, and the host sync it makes, tell whether the SVD matters."""
+    b, v = args.batch_size, args.num_views
+    z = torch.randn(b, v, 128, device=device, generator=torch.Generator(device).manual_seed(0), requires_grad=True)
+
+    def loss_step():
+        mmcr_pretrain.mmcr_loss(z).backward()
+        z.grad = None
+    t = timeit(loss_step, args.train_steps, args.warmup, device)
+    return [row("mmcr loss (svdvals, fwd+bwd)", b * v, t, peak_memory(device), f"{b} x {v} x 128, float32")]
+
+
 def bench_finetune_step(args, device):
     """One mmcr_finetune.py step (ssl crop + flip, classifier forward, cross-entropy, Adam) for both types."""
     b = args.finetune_batch_size
@@ -322,7 +335,7 @@ def bench_finetune_step(args, device):
 
 
 BENCHES = [bench_mmcr_step, bench_augment_batched, bench_augment_per_image, bench_reference_loader, bench_empssl_step,
-           bench_blur, bench_tcr, bench_finetune_step]
+           bench_blur, bench_tcr, bench_mmcr_loss, bench_finetune_step]
 
 
 class Parser(argparse.ArgumentParser):

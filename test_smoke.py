@@ -1386,6 +1386,25 @@ def test_bad_input_one_line_exit_2(name, image_folder, trained_run, tmp_path):
     assert not os.path.isdir(tmp_path / "run") or not os.path.exists(tmp_path / "run" / "last.pt")
 
 
+# ----------------------------------------------------------------------------- bench.py
+
+
+def test_bench_runs_every_row(tmp_path):
+    """bench.py at the smallest sizes: every benchmark runs and prints its rows (their numbers mean nothing here). A
+    benchmark that breaks would otherwise first show on a lent GPU, whose minutes are few."""
+    import bench
+    args = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--train-steps", "1", "--batch-size", "2",
+            "--num-views", "2", "--aug-views", "8", "--empssl-batch-size", "2", "--patches", "2",
+            "--finetune-batch-size", "4", "--loader-workers", "1", "--loader-batches", "1"]
+    proc = run_script(os.path.join(REPO, "bench.py"), args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [line.split("  ")[0].strip() for line in proc.stdout.splitlines()[3:] if "  " in line]
+    for b in bench.BENCHES:
+        # each benchmark's first row is named after it: bench_mmcr_step prints "mmcr step ..."
+        words = b.__name__[len("bench_"):].split("_")
+        assert any(all(w in n for w in words) for n in names), (b.__name__, names)
+
+
 # ----------------------------------------------------------------------------- shared code
 
 # top-level definitions that each script has its own version of
