@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The commands behind the README's GPU table, in order: bench.py, EMP-SSL (pretraining + bag-of-features kNN, then the
 # linear probe on its embeddings), MMCR on a 20-epoch schedule, a linear probe of that MMCR checkpoint, and the MMCR
-# step under torch.compile; optionally EMP-SSL ablations. Each log is tee'd to OUT, each run's metrics.jsonl and config.json copied there (never a
-# checkpoint: those stay in WORK), and times.tsv gets one line per step: name, exit code, wall seconds.
+# step under torch.compile; optionally EMP-SSL ablations. Each log is tee'd to OUT, each run's metrics.jsonl and
+# config.json copied there (never a checkpoint: those stay in WORK), and times.tsv gets one line per step: name, exit
+# code, wall seconds.
 #
 #   bash results/reproduce.sh DATA OUT        # DATA: cifar10 (downloads) or an ImageFolder root such as cifar10-jpeg
 #
@@ -62,18 +63,21 @@ wants() { [[ " $steps " == *" $1 "* ]]; }
 
 python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" | tee "$out/versions.txt"
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/versions.txt"
+command -v nvidia-smi >/dev/null &&
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/versions.txt"
 git rev-parse HEAD 2>/dev/null | tee -a "$out/versions.txt"
 
 if wants bench; then
   step bench 0 python bench.py "${bench[@]}" || failed=1
 fi
 if wants empssl; then
-  step empssl 0 python empssl_pretrain.py --dataset "$data" --data-dir "$work/data" --output-dir "$work/empssl" "${empssl[@]}" || failed=1
+  step empssl 0 python empssl_pretrain.py --dataset "$data" --data-dir "$work/data" --output-dir "$work/empssl" \
+    "${empssl[@]}" || failed=1
   keep empssl
 fi
 if wants linear; then
-  step linear 0 python empssl_linear.py --dataset "$work/empssl/embeddings" --output-dir "$work/linear" "${linear[@]}" || failed=1
+  step linear 0 python empssl_linear.py --dataset "$work/empssl/embeddings" --output-dir "$work/linear" \
+    "${linear[@]}" || failed=1
   keep linear
 fi
 if wants mmcr; then
@@ -90,8 +94,8 @@ if wants mmcr; then
   keep mmcr
 fi
 if wants finetune; then
-  step finetune 0 python mmcr_finetune.py --checkpoint "$work/mmcr/last.pt" --data-dir "$work/data" --output-dir "$work/finetune" \
-    --finetune-type linear --max-epochs 10 "${finetune[@]}" || failed=1
+  step finetune 0 python mmcr_finetune.py --checkpoint "$work/mmcr/last.pt" --data-dir "$work/data" \
+    --output-dir "$work/finetune" --finetune-type linear --max-epochs 10 "${finetune[@]}" || failed=1
   keep finetune
 fi
 if wants compile; then
@@ -106,7 +110,8 @@ if wants ablation; then
       kernel3) change=(--blur kernel3) ;;
       *) echo "unknown ablation: $a (seedN, fp16, fp32, unscaled, kernel3)" >&2; failed=1; continue ;;
     esac
-    step "empssl-$a" 0 python empssl_pretrain.py --dataset "$data" --data-dir "$work/data" --output-dir "$work/empssl-$a" \
+    step "empssl-$a" 0 python empssl_pretrain.py --dataset "$data" --data-dir "$work/data" \
+      --output-dir "$work/empssl-$a" \
       "${empssl[@]}" "${change[@]}" || failed=1
     keep "empssl-$a"
     # each run writes about 0.6 GB of embeddings and checkpoints that nothing reads
