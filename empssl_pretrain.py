@@ -271,8 +271,8 @@ def augment(images, gen, mean, std, size, compile=False, **aug):
     """A batch of uint8 images (N, 3, H, W) -> N independently augmented, normalised float views.
 
     One call to the generator draws every random number of every view; augment_views turns them into views
-    with tensor maths alone. Eager, that is about 150 small kernels, which on a GPU cost more time to launch
-    than to run; with compile=True (--compile) torch.compile fuses them into a few.
+    with tensor maths alone. Eager, that is about 240 small kernels (an MMCR batch), which on a GPU take more time
+    to launch than to run; with compile=True (--compile) torch.compile fuses them into a few.
     """
     draws = torch.rand(images.shape[0], DRAWS, device=images.device, generator=gen)
     m, s = channel_stats(tuple(mean), tuple(std), images.device)
