@@ -285,7 +285,7 @@ def augment_views(images, draws, mean, std, size, scale, ratio, jitter, p_jitter
     tensors mean and std.
 
     RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
-    (sigma 0.1-2; blur "kernel3": torchvision's GaussianBlur(3), "pil": PIL's GaussianBlur(radius=sigma)),
+    (sigma 0.1-2; blur: gaussian_blur, torchvision's GaussianBlur(3), or empssl_pretrain.py's pil_gaussian_blur),
     solarize, normalise: the per-image pipeline of the reference code, every random parameter drawn per view.
 
     To add an op: raise DRAWS by the numbers it needs, take them with u(lo, hi) and coin(p), compute the op for
@@ -314,8 +314,7 @@ def augment_views(images, draws, mean, std, size, scale, ratio, jitter, p_jitter
             x = adjust_hue(x, hue)
     x = torch.where(coin(p_gray).view(-1, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
     sigma = u(0.1, 2.0)
-    blurred = gaussian_blur(x, sigma) if blur == "kernel3" else pil_gaussian_blur(x, sigma)
-    x = torch.where(coin(p_blur).view(-1, 1, 1, 1), blurred, x)
+    x = torch.where(coin(p_blur).view(-1, 1, 1, 1), blur(x, sigma), x)
     x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x, solarize_threshold), x)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
@@ -323,7 +322,7 @@ def augment_views(images, draws, mean, std, size, scale, ratio, jitter, p_jitter
 # The reference solarizes PIL images with ImageOps.solarize's default threshold 128 (of 255) and blurs them with
 # PIL's GaussianBlur(radius=sigma); the official EMP-SSL code (dataset/aug.py) does the same.
 AUGMENT = dict(scale=(0.25, 0.25), ratio=(1.0, 1.0), jitter=(0.4, 0.4, 0.4, 0.2), p_jitter=0.8, p_gray=0.2, p_blur=0.1,
-               blur="pil", p_solarize=0.1, solarize_threshold=128 / 255)
+               blur=pil_gaussian_blur, p_solarize=0.1, solarize_threshold=128 / 255)
 
 
 @functools.lru_cache(maxsize=None)
@@ -559,7 +558,7 @@ def main(cfg):
     steps_per_epoch = len(xtr) // cfg.batch_size
     total_steps = cfg.max_epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_duration * total_steps)
-    aug = dict(AUGMENT, blur=cfg.blur, compile=cfg.compile)
+    aug = dict(AUGMENT, blur=pil_gaussian_blur if cfg.blur == "pil" else gaussian_blur, compile=cfg.compile)
 
     # model, optimizer, resume
     model = EMPSSLModel(cfg.hidden_dim, cfg.projection_dim).to(device).to(memory_format=torch.channels_last)

@@ -227,32 +227,6 @@ def gaussian_blur(x, sigma):
     return k0 * p[..., :-2, :] + k1 * p[..., 1:-1, :] + k0 * p[..., 2:, :]
 
 
-def pil_gaussian_blur(x, sigma, max_sigma=2.0, passes=3):
-    """PIL's ImageFilter.GaussianBlur(radius=sigma) with a per-view sigma <= max_sigma.
-
-    Pillow (BoxBlur.c) blurs with `passes` box blurs along the rows, then as many along the columns,
-    each repeating the edge pixels. The box has radius l + a: l whole taps each side plus an outer
-    tap of weight a, chosen so that the passes have variance sigma^2 (Gwosdek et al. 2011, eqs. 7-14,
-    https://www.mia.uni-saarland.de/Publications/gwosdek-ssvm11.pdf). At sigma 2 the result spans
-    13 pixels, where torchvision's GaussianBlur(3) spans 3.
-    """
-    n, c, height, width = x.shape
-    var = (sigma.float() ** 2 / passes).view(-1, 1)
-    whole = ((torch.sqrt(12 * var + 1) - 1) / 2).floor()
-    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) ** 2))
-    # the widest box any sigma <= max_sigma needs, from the sigma alone: no host sync
-    r = math.floor((math.sqrt(12 * max_sigma ** 2 / passes + 1) - 1) / 2) + 1
-    offset = torch.arange(-r, r + 1, device=x.device).abs().view(1, -1)
-    taps = torch.where(offset <= whole, 1.0, torch.where(offset == whole + 1, frac, 0.0)) / (2 * whole + 1 + 2 * frac)
-    taps = taps.repeat_interleave(c, 0)
-    # one group per view and channel: each gets its own kernel in a single depthwise convolution
-    y = x.reshape(1, n * c, height, width)
-    for shape, pad in (((n * c, 1, 1, 2 * r + 1), (r, r, 0, 0)), ((n * c, 1, 2 * r + 1, 1), (0, 0, r, r))):
-        for _ in range(passes):
-            y = F.conv2d(F.pad(y, pad, mode="replicate"), taps.view(shape), groups=n * c)
-    return y.view(n, c, height, width)
-
-
 def solarize(x, threshold=0.5):
     return torch.where(x >= threshold, 1 - x, x)
 
@@ -279,7 +253,7 @@ def augment_views(images, draws, mean, std, size, scale, ratio, jitter, p_jitter
     tensors mean and std.
 
     RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
-    (sigma 0.1-2; blur "kernel3": torchvision's GaussianBlur(3), "pil": PIL's GaussianBlur(radius=sigma)),
+    (sigma 0.1-2; blur: gaussian_blur, torchvision's GaussianBlur(3), or empssl_pretrain.py's pil_gaussian_blur),
     solarize, normalise: the per-image pipeline of the reference code, every random parameter drawn per view.
 
     To add an op: raise DRAWS by the numbers it needs, take them with u(lo, hi) and coin(p), compute the op for
@@ -308,8 +282,7 @@ def augment_views(images, draws, mean, std, size, scale, ratio, jitter, p_jitter
             x = adjust_hue(x, hue)
     x = torch.where(coin(p_gray).view(-1, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
     sigma = u(0.1, 2.0)
-    blurred = gaussian_blur(x, sigma) if blur == "kernel3" else pil_gaussian_blur(x, sigma)
-    x = torch.where(coin(p_blur).view(-1, 1, 1, 1), blurred, x)
+    x = torch.where(coin(p_blur).view(-1, 1, 1, 1), blur(x, sigma), x)
     x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x, solarize_threshold), x)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
@@ -317,7 +290,7 @@ def augment_views(images, draws, mean, std, size, scale, ratio, jitter, p_jitter
 # The reference's transforms run on PIL images, so RandomSolarize(0.5) compares uint8 values 0..255 with 0.5 and
 # inverts every pixel >= 1: 1/255 here. RandomGrayscale() without p is torchvision's default p = 0.1.
 AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.1,
-               p_blur=0.1, blur="kernel3", p_solarize=0.2, solarize_threshold=1 / 255)
+               p_blur=0.1, blur=gaussian_blur, p_solarize=0.2, solarize_threshold=1 / 255)
 
 
 @functools.lru_cache(maxsize=None)
