@@ -263,59 +263,97 @@ def solarize(x, threshold=0.5):
     return torch.where(x >= threshold, 1 - x, x)
 
 
-# Uniform draws per view: 22 for the crop, 4 for ColorJitter's order, then one per coin and per random factor.
-DRAWS = 36
+def color_jitter(x, factors, hue, order):
+    """ColorJitter with per-view parameters: brightness, contrast and saturation factors (N, 3), hue (N,), and
+    order (N, 4), the op at each position (0 brightness, 1 contrast, 2 saturation, 3 hue), as torchvision's
+    ColorJitter applies them in a random order. Factors 1 and hue 0 leave a view as it is."""
+    position = order.argsort(1)
+    for after_hue in (False, True):
+        # the linear ops before hue sit at positions 0-2, those after it at 1-3
+        for k in (range(1, 4) if after_hue else range(3)):
+            op = order[:, k:k + 1]
+            # at position k only the op found there runs (on this side of hue); the others get the exact identity
+            runs = (op == torch.arange(3, device=x.device)) & ((k > position[:, 3:]) == after_hue)
+            b, c, s = torch.where(runs, factors, 1.0).unbind(1)
+            x = adjust_saturation(adjust_contrast(adjust_brightness(x, b), c), s)
+        if not after_hue:
+            x = adjust_hue(x, hue)
+    return x
+
+
+def sample_jitter(draws, strength, p):
+    """The parameters of color_jitter, as RandomApply([ColorJitter(*strength)], p) draws them: the identity for
+    views whose coin did not come up."""
+    apply = draws.coin(p)[:, None]
+    order = draws.take(4).argsort(1)
+    factors = torch.where(apply, torch.stack([draws.uniform(1 - j, 1 + j) for j in strength[:3]], 1), 1.0)
+    hue = torch.where(apply[:, 0], draws.uniform(-strength[3], strength[3]), 0.0)
+    return factors, hue, order
+
+
+class Draws:
+    """The uniform random numbers of a batch of views, (N, k) drawn at once, handed out in order: each op takes
+    what it needs with take(n), uniform(lo, hi) or coin(p). Running out is an error that says what to raise."""
+
+    def __init__(self, numbers):
+        self.numbers, self.used = numbers, 0
+
+    def take(self, n):
+        if self.used + n > self.numbers.shape[1]:
+            raise ValueError(f"augment_views takes more than the {self.numbers.shape[1]} random numbers per view that "
+                             f"augment() draws: raise DRAWS")
+        self.used += n
+        return self.numbers[:, self.used - n:self.used]
+
+    def uniform(self, lo, hi):
+        return lo + (hi - lo) * self.take(1)[:, 0]
+
+    def coin(self, p):
+        return self.take(1)[:, 0] < p
+
+
+def where(coin, changed, x):
+    """changed for the views whose coin came up, x for the others."""
+    return torch.where(coin.view(-1, 1, 1, 1), changed, x)
+
+
+# Uniform random numbers drawn per view, more than augment_views takes (Draws says when it needs more).
+DRAWS = 48
 
 
 def augment(images, gen, mean, std, size, compile=False, **aug):
     """A batch of uint8 images (N, 3, H, W) -> N independently augmented, normalised float views.
 
     One call to the generator draws every random number of every view; augment_views turns them into views
-    with tensor maths alone. Eager, that is about 240 small kernels (an MMCR batch), which on a GPU take more time
-    to launch than to run; with compile=True (--compile) torch.compile fuses them into a few.
+    with tensor maths alone. Eager, that is a few hundred small kernels, which on a GPU take more time to launch
+    than to run; with compile=True (--compile) torch.compile fuses them into a few.
     """
-    draws = torch.rand(images.shape[0], DRAWS, device=images.device, generator=gen)
+    numbers = torch.rand(images.shape[0], DRAWS, device=images.device, generator=gen)
     m, s = channel_stats(tuple(mean), tuple(std), images.device)
-    return (compiled(augment_views) if compile else augment_views)(images, draws, m, s, size, **aug)
+    return (compiled(augment_views) if compile else augment_views)(images, numbers, m, s, size, aug)
 
 
-def augment_views(images, draws, mean, std, size, scale, ratio, jitter, p_jitter, p_gray, p_blur, blur, p_solarize,
-                  solarize_threshold):
+def augment_views(images, numbers, mean, std, size, aug):
     """uint8 images (N, 3, H, W) and DRAWS uniform numbers per view -> the views, normalised with the (1, 3, 1, 1)
-    tensors mean and std.
+    tensors mean and std; aug: the recipe (AUGMENT).
 
-    RandomResizedCrop, flip p=0.5, ColorJitter with probability p_jitter, grayscale, Gaussian blur
-    (sigma 0.1-2; blur: gaussian_blur, torchvision's GaussianBlur(3), or empssl_pretrain.py's pil_gaussian_blur),
-    solarize, normalise: the per-image pipeline of the reference code, every random parameter drawn per view.
+    The per-image pipeline of the reference code, every random parameter drawn per view: RandomResizedCrop and
+    flip, ColorJitter (random order) with probability p_jitter, grayscale, Gaussian blur (sigma 0.1-2), solarize.
 
-    To add an op: raise DRAWS by the numbers it needs, take them with u(lo, hi) and coin(p), compute the op for
-    every view as batched tensor maths, and keep it where its coin came up: x = torch.where(coin(p).view(-1, 1, 1,
-    1), op(x), x). No Python loop over views, no .item(), no random call here: that keeps the GPU busy and the
-    function compilable. This block is shared: copy an edit to empssl_pretrain.py and mmcr_finetune.py too
-    (test_shared_definitions_are_identical fails otherwise).
+    To add an op: write it as batched tensor maths over all views (x: (N, 3, H, W) floats in [0, 1], a parameter
+    per view), add one line here that takes its random numbers from `draws` and keeps it where its coin came up,
+    x = where(draws.coin(aug["p_new"]), new_op(x, draws.uniform(lo, hi)), x), and its p_new to AUGMENT. No Python
+    loop over views, no .item(), no random call: that keeps the GPU busy and the function compilable. This block
+    is shared: copy an edit to the other scripts (test_shared_definitions_are_identical fails otherwise).
     """
-    top, left, h, w = sample_crops(draws[:, :22], images.shape[2], images.shape[3], scale, ratio)
-    # the position of each ColorJitter op in the view's order
-    order = draws[:, 22:26].argsort(1)
-    rest = iter(draws[:, 26:].unbind(1))
-    u = lambda lo, hi: lo + (hi - lo) * next(rest)
-    coin = lambda p: next(rest) < p
-    x = resized_crop_flip(images.float().div_(255), top, left, h, w, coin(0.5), size)
-    # ColorJitter applies brightness, contrast, saturation and hue in a random order per view. The first
-    # three are linear and commute (up to clamping), so only where hue falls matters: the linear ops
-    # whose random position comes before hue's run before it, the others after.
-    apply = coin(p_jitter)
-    factors = [torch.where(apply, u(1 - j, 1 + j), 1.0) for j in jitter[:3]]
-    hue = torch.where(apply, u(-jitter[3], jitter[3]), 0.0)
-    for before in (True, False):
-        b, c, s = (torch.where((order[:, i] < order[:, 3]) == before, f, 1.0) for i, f in enumerate(factors))
-        x = adjust_saturation(adjust_contrast(adjust_brightness(x, b), c), s)
-        if before:
-            x = adjust_hue(x, hue)
-    x = torch.where(coin(p_gray).view(-1, 1, 1, 1), grayscale(x).expand(-1, 3, -1, -1), x)
-    sigma = u(0.1, 2.0)
-    x = torch.where(coin(p_blur).view(-1, 1, 1, 1), blur(x, sigma), x)
-    x = torch.where(coin(p_solarize).view(-1, 1, 1, 1), solarize(x, solarize_threshold), x)
+    draws = Draws(numbers)
+    x = images.float().div_(255)
+    box = sample_crops(draws.take(22), x.shape[2], x.shape[3], aug["scale"], aug["ratio"])
+    x = resized_crop_flip(x, *box, draws.coin(0.5), size)
+    x = color_jitter(x, *sample_jitter(draws, aug["jitter"], aug["p_jitter"]))
+    x = where(draws.coin(aug["p_gray"]), grayscale(x).expand(-1, 3, -1, -1), x)
+    x = where(draws.coin(aug["p_blur"]), aug["blur"](x, draws.uniform(0.1, 2.0)), x)
+    x = where(draws.coin(aug["p_solarize"]), solarize(x, aug["solarize_threshold"]), x)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
