@@ -69,6 +69,9 @@ class Config:
     temperature: float = arg(0.5, "temperature of the weighted kNN monitor")
     eval_every: int = arg(1, "kNN evaluation every this many epochs (0: only after the last, always done)")
     image_size: int = arg(32, "side of the square training images")
+    normalize: str = arg("auto", "auto: CIFAR's usual mean and std for cifar10 / cifar100, an ImageFolder's own "
+                         "statistics otherwise; cifar10 or cifar100: those constants for any dataset (an ImageFolder "
+                         "copy of CIFAR-10 normalised as the reference does); dataset: the training set's own")
     # the run: where, how, how often
     data_dir: str = arg("./data", "where CIFAR is downloaded and decoded ImageFolders are cached")
     output_dir: str = arg("", "run folder (default runs/mmcr/<timestamp>); one that holds a run needs --resume")
@@ -86,14 +89,8 @@ class Config:
 
 # ----------------------------------------------------------------------------- data
 
-# CIFAR-10's std is the reference's (0.2023, ...), widely copied from kuangliu/pytorch-cifar; the dataset's own
-# pixel std is (0.2470, 0.2435, 0.2616). The first convolution and its BatchNorm absorb the difference.
-CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
-
-
 def load_dataset(cfg):
-    """(train_images, train_labels, test_images, test_labels, classes, (mean, std)); images uint8 on CPU."""
+    """(train_images, train_labels, test_images, test_labels, classes); images uint8 on CPU."""
     if cfg.dataset in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
         try:
@@ -105,7 +102,7 @@ def load_dataset(cfg):
                             f"or pass an ImageFolder root")
         split = [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
                  for d in (train, test)]
-        classes, stats = train.classes, CIFAR_STATS[cfg.dataset]
+        classes = train.classes
         if cfg.image_size != 32:
             resize = lambda x: F.interpolate(x.float(), size=cfg.image_size, mode="bicubic", antialias=True)
             split = [(resize(x).round().clamp(0, 255).byte(), y) for x, y in split]
@@ -121,17 +118,30 @@ def load_dataset(cfg):
             raise UserError(f"--dataset {cfg.dataset}: train has classes {classes[:5]}... ({len(classes)}), "
                             f"test has {test_classes[:5]}... ({len(test_classes)})")
         split = [(xtr, ytr), (xte, yte)]
-        # normalise an unknown dataset with its own training statistics, in chunks (no float copy of it all)
-        n = xtr.shape[0] * xtr.shape[2] * xtr.shape[3]
-        m1 = sum(c.double().sum((0, 2, 3)) for c in xtr.split(4096)) / (255 * n)
-        m2 = sum(c.double().square().sum((0, 2, 3)) for c in xtr.split(4096)) / (255 ** 2 * n)
-        stats = (tuple(m1.tolist()), tuple((m2 - m1 ** 2).sqrt().tolist()))
     # a fixed random subset keeps every class
     for i, limit in enumerate((cfg.limit_train, cfg.limit_test)):
         if 0 < limit < len(split[i][0]):
             keep = torch.randperm(len(split[i][0]), generator=torch.Generator().manual_seed(0))[:limit]
             split[i] = (split[i][0][keep], split[i][1][keep])
-    return split[0][0], split[0][1], split[1][0], split[1][1], list(classes), stats
+    return split[0][0], split[0][1], split[1][0], split[1][1], list(classes)
+
+
+# CIFAR-10's std is the reference's (0.2023, ...), widely copied from kuangliu/pytorch-cifar; the dataset's own
+# pixel std is (0.2470, 0.2435, 0.2616). The first convolution and its BatchNorm absorb the difference.
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+
+
+def normalization(kind, dataset, images):
+    """(mean, std) per channel for --normalize: CIFAR's usual constants, or the uint8 images' own statistics."""
+    name = dataset if kind == "auto" else kind
+    if name in CIFAR_STATS:
+        return CIFAR_STATS[name]
+    # in chunks: no float copy of the whole training set
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    m1 = sum(c.double().sum((0, 2, 3)) for c in images.split(4096)) / (255 * n)
+    m2 = sum(c.double().square().sum((0, 2, 3)) for c in images.split(4096)) / (255 ** 2 * n)
+    return tuple(m1.tolist()), tuple((m2 - m1 ** 2).sqrt().tolist())
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -472,7 +482,8 @@ def main(cfg):
 
     # data: each split once on the device as uint8
     with rank_zero_first(ddp, master):
-        xtr, ytr, xte, yte, classes, (mean, std) = load_dataset(cfg)
+        xtr, ytr, xte, yte, classes = load_dataset(cfg)
+    mean, std = normalization(cfg.normalize, cfg.dataset, xtr)
     if cfg.batch_size > len(xtr):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(xtr)} images)")
     xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
@@ -605,6 +616,8 @@ def check_config(cfg):
                 (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
                 (cfg.eval_every < 0 or cfg.log_every < 1, "--eval-every must be >= 0 and --log-every >= 1"),
                 (cfg.image_size < 8, "--image-size must be at least 8"),
+                (cfg.normalize not in ("auto", "cifar10", "cifar100", "dataset"),
+                 "--normalize must be auto, cifar10, cifar100 or dataset"),
                 (cfg.limit_train < 0 or cfg.limit_test < 0, "--limit-train and --limit-test must be >= 0"),
                 (cfg.checkpoint_minutes < 0, "--checkpoint-minutes must be >= 0"),
                 (cfg.device not in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu"),

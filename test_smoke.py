@@ -14,6 +14,7 @@ run control, error reporting) is tested once, with one script, and test_shared_d
 checks that every shared definition is the same text in all of them.
 """
 import ast
+import copy
 import datetime
 import difflib
 import hashlib
@@ -555,6 +556,19 @@ def test_reference_recipes():
                                unscaled(TF.to_pil_image(img)), rtol=1e-5, atol=1e-3)
 
 
+def test_normalization_choices():
+    """--normalize: CIFAR's constants by name (auto for --dataset cifar10 / cifar100, or forced for an ImageFolder copy
+    of CIFAR), else the training images' own per-channel mean and std."""
+    images = natural_images(20)
+    pixels = images.double() / 255
+    own = pretrain.normalization("auto", "path/to/imagefolder", images)
+    np.testing.assert_allclose(own[0], pixels.mean((0, 2, 3)).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(own[1], pixels.std((0, 2, 3), unbiased=False).numpy(), rtol=1e-6)
+    assert pretrain.normalization("dataset", "cifar10", images) == own
+    assert pretrain.normalization("cifar10", "path/to/imagefolder", images) == pretrain.CIFAR_STATS["cifar10"]
+    assert pretrain.normalization("auto", "cifar100", images) == pretrain.CIFAR_STATS["cifar100"]
+
+
 def test_finetune_ssl_views_are_the_pretraining_augmentation():
     images = natural_images(6)
     ours = finetune.train_views(images, torch.Generator().manual_seed(3), MEAN, STD, "ssl")
@@ -632,6 +646,33 @@ def test_patch_similarity_matches_numpy():
     c = zn.mean(1, keepdims=True)
     expected = ((zn * c).sum(-1) / np.linalg.norm(c, axis=-1)).mean()
     assert empssl.patch_similarity(z.float() * 3).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_empssl_loss_path_is_float32_under_bf16_autocast():
+    """Under bf16 autocast the projector and the loss still compute in float32 (the reference's fp16 keeps 11 bits of
+    mantissa where bf16 keeps 8): the gradients of the projector's weights equal float64's for the same embedding h."""
+    torch.manual_seed(0)
+    model, n, patches = empssl.EMPSSLModel(64, 32), 8, 4
+    views = torch.randn(n * patches, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, z = model(views)
+    assert h.dtype == torch.bfloat16 and z.dtype == torch.float32
+    z = z.view(n, patches, -1)
+    (-empssl.total_coding_rate(z) - 200 * empssl.patch_similarity(z)).backward()
+    # the same projector in float64 on the same h, and the loss written out in float64
+    projector = copy.deepcopy(model.projector).double()
+    z64 = torch.nn.functional.normalize(projector(h.detach().double()).view(n, patches, -1), dim=-1)
+    rows = z64.transpose(0, 1)
+    tcr = 0.5 * torch.logdet(torch.eye(n, dtype=torch.float64) + 32 / (n * 0.2) * rows @ rows.transpose(1, 2)).mean()
+    similarity = torch.nn.functional.cosine_similarity(z64, z64.mean(1, keepdim=True), dim=-1).mean()
+    (-tcr - 200 * similarity).backward()
+    for (name, ours), theirs in zip(model.projector.named_parameters(), projector.parameters()):
+        # BatchNorm follows the first layer, so its bias gets a zero gradient (up to rounding)
+        if name == "0.bias":
+            continue
+        error = (ours.grad.double() - theirs.grad).norm() / theirs.grad.norm()
+        # bf16 projector: about 4e-2
+        assert error < 1e-4, (name, error.item())
 
 
 def test_lars_step_matches_hand_computation():
@@ -1492,7 +1533,7 @@ def test_shared_definitions_are_identical():
             shared.setdefault(name, {})[script] = text
     shared = {name: texts for name, texts in shared.items() if len(texts) > 1}
     # the test sees the shared blocks (a parser that found nothing would pass vacuously)
-    assert {"load_image_folder", "augment", "CIFAR_STATS", "RunControl", "refuse_to_overwrite", "Gather",
+    assert {"load_image_folder", "augment", "load_dataset", "RunControl", "refuse_to_overwrite", "Gather",
             MAIN_BLOCK} <= set(shared)
     assert MAY_DIFFER <= set(shared), (
         f"no longer defined in two scripts: {sorted(MAY_DIFFER - set(shared))}: drop from MAY_DIFFER")
