@@ -29,8 +29,8 @@ import mmcr_finetune
 import mmcr_pretrain
 
 MEAN, STD = mmcr_pretrain.CIFAR_STATS["cifar10"]
-# The MMCR recipe's augmentation, exactly as mmcr_pretrain.main calls augment(), at CIFAR size.
-AUG = dict(size=32, **mmcr_pretrain.AUGMENT)
+# The MMCR recipe's augmentation, as mmcr_pretrain.main gives it to augment(), at CIFAR size.
+AUG = dict(mmcr_pretrain.AUGMENT, size=32, norm=(MEAN, STD))
 
 
 def timeit(fn, steps, warmup, device):
@@ -118,12 +118,12 @@ def bench_mmcr_step(args, device):
     gen = torch.Generator(device).manual_seed(0)
     # stands in for the dataset
     pool = torch.randint(0, 256, (max(1024, b), 3, 32, 32), dtype=torch.uint8, device=device)
-    model = mmcr_pretrain.MMCRModel(128).to(device).to(memory_format=torch.channels_last)
+    model = mmcr_pretrain.MMCRModel(64, 128).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-6, fused=device.type == "cuda")
 
     def views():
         idx = torch.randint(len(pool), (b,), device=device, generator=gen)
-        return mmcr_pretrain.augment(pool[idx].repeat_interleave(v, 0), gen, MEAN, STD, compile=args.compile, **AUG)
+        return mmcr_pretrain.augment(pool[idx].repeat_interleave(v, 0), gen, dict(AUG, compile=args.compile))
 
     def make_step(inputs):
         return train_step(model, optimizer, args, device, inputs, lambda z: mmcr_pretrain.mmcr_loss(z.view(b, v, -1)))
@@ -135,7 +135,7 @@ def bench_augment_batched(args, device):
     gen = torch.Generator(device).manual_seed(0)
     images = torch.randint(0, 256, (args.aug_views, 3, 32, 32), dtype=torch.uint8, device=device)
     reset_peak(device)
-    fn = lambda: mmcr_pretrain.augment(images, gen, MEAN, STD, compile=args.compile, **AUG)
+    fn = lambda: mmcr_pretrain.augment(images, gen, dict(AUG, compile=args.compile))
     t = timeit(fn, args.steps, args.warmup, device)
     return [row("augment batched (mmcr_pretrain)", args.aug_views, t, peak_memory(device),
                 f"on {device.type}, {args.aug_views} views/call, {torch.get_num_threads()} threads"
@@ -230,13 +230,13 @@ def bench_empssl_step(args, device):
     b, p = args.empssl_batch_size, args.patches
     gen = torch.Generator(device).manual_seed(0)
     pool = torch.randint(0, 256, (max(1024, b), 3, 32, 32), dtype=torch.uint8, device=device)
-    model = empssl_pretrain.EMPSSLModel(4096, 1024).to(device).to(memory_format=torch.channels_last)
+    model = empssl_pretrain.EMPSSLModel(64, 4096, 1024).to(device, memory_format=torch.channels_last)
     optimizer = empssl_pretrain.LARS(model.parameters(), lr=0.3, weight_decay=1e-4)
 
     def patches():
         idx = torch.randint(len(pool), (b,), device=device, generator=gen)
-        half, aug = (0.5,) * 3, dict(empssl_pretrain.AUGMENT, compile=args.compile)
-        return empssl_pretrain.augment(pool[idx].repeat_interleave(p, 0), gen, half, half, 32, **aug)
+        aug = dict(empssl_pretrain.AUGMENT, size=32, norm=((0.5,) * 3, (0.5,) * 3), compile=args.compile)
+        return empssl_pretrain.augment(pool[idx].repeat_interleave(p, 0), gen, aug)
 
     def loss_fn(out):
         z = out[1].view(b, p, -1)
@@ -302,12 +302,12 @@ def bench_finetune_step(args, device):
 
     def images():
         idx = torch.randint(len(pool), (b,), device=device, generator=gen)
-        return mmcr_finetune.train_views(pool[idx], gen, MEAN, STD, "ssl")
+        return mmcr_finetune.train_views(pool[idx], gen, dict(mmcr_finetune.AUGMENT, size=32, norm=(MEAN, STD)), "ssl")
 
     rows = []
     for finetune_type in ("linear", "backbone+linear"):
-        model = mmcr_finetune.Classifier(10, frozen=finetune_type == "linear")
-        model = model.to(device).to(memory_format=torch.channels_last)
+        model = mmcr_finetune.Classifier(64, 10, frozen=finetune_type == "linear")
+        model = model.to(device, memory_format=torch.channels_last)
         trained = [q for q in model.parameters() if q.requires_grad]
         optimizer = torch.optim.Adam(trained, lr=0.01, fused=device.type == "cuda")
         loss_fn = lambda logits: torch.nn.functional.cross_entropy(logits.float(), labels)

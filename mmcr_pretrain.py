@@ -8,23 +8,39 @@ augmented there in one batch, so the GPU, not PIL on CPU workers, sets the speed
     python mmcr_pretrain.py                                   # CIFAR-10, the reference's recipe, 500 epochs
     python mmcr_pretrain.py --dataset path/to/imagefolder     # train/<class>/* and test/<class>/*
     python mmcr_pretrain.py --max-epochs 50 --eval-every 5 --output-dir runs/mmcr/c10
-    python mmcr_pretrain.py --output-dir runs/mmcr/c10 --resume auto    # continue it after a stop or a crash
+    python mmcr_pretrain.py --resume auto --output-dir runs/mmcr/c10    # continue it after a stop or a crash
     torchrun --nproc_per_node 4 mmcr_pretrain.py              # same script, 4 GPUs (--batch-size is global)
     python mmcr_finetune.py --checkpoint runs/mmcr/c10/best.pt
 
+Where to edit (a copy of this file is a complete program):
+    the loss          mmcr_loss() in "loss"; main() calls it once, loss = mmcr_loss(z, cfg.lmbda), with z of shape
+                      (images, views, dim)
+    an augmentation   the op as a function in "augmentation", one line in augment_views(), its parameters in AUGMENT
+    the model         ResNet18 and MMCRModel in "model" (--width widens the backbone; checkpoints record the
+                      architecture, which mmcr_finetune.py builds)
+    the recipe        Config below: every field is a flag
+    the loop          main(): data -> views -> model -> loss -> backward -> optimizer step, then the epoch end
+Everything below the "plumbing" line (flags, run folders, resume, DDP, files) can stay unread.
+
 Outputs in --output-dir: config.json, metrics.jsonl, views.png, last.pt (resumable), best.pt (best kNN top-1).
-Exit codes: 0 done, 2 bad input (one line on stderr), 3 training diverged, 128 + signal after Ctrl-C / SIGTERM.
+Exit codes: 0 done, 2 bad input or an unwritable file (one line on stderr), 3 training diverged, 128 + signal after
+Ctrl-C / SIGTERM.
 """
+import contextlib
 import dataclasses
 import datetime
+import fractions
 import functools
 import hashlib
 import json
 import math
 import os
+import shlex
 import signal
+import socket
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -38,7 +54,7 @@ from tqdm import tqdm
 
 from knn import knn_accuracy
 
-# checkpoints name the script that wrote them
+# the kind of checkpoint this script writes (a renamed copy keeps it, so mmcr_finetune.py reads its checkpoints too)
 SCRIPT, RUNS = "mmcr_pretrain", "runs/mmcr"
 
 # ----------------------------------------------------------------------------- config
@@ -58,6 +74,7 @@ class Config:
     learning_rate: float = arg(1e-3, "Adam peak learning rate")
     weight_decay: float = arg(1e-6, "Adam (L2) weight decay")
     warmup_duration: float = arg(0.1, "fraction of all steps spent in linear warm-up before the cosine decay")
+    width: int = arg(64, "channels of the ResNet18's first stage (64: the standard ResNet18, 512-d features)")
     projection_dim: int = arg(128, "output dimension of the projector")
     lmbda: float = arg(0.0, "weight of the mean per-image nuclear norm (0 in the paper's CIFAR runs)")
     grayscale_prob: float = arg(0.1, "probability of a grayscale view (0.1: the reference's RandomGrayscale(); "
@@ -75,22 +92,39 @@ class Config:
     # the run: where, how, how often
     data_dir: str = arg("./data", "where CIFAR is downloaded and decoded ImageFolders are cached")
     output_dir: str = arg("", "run folder (default runs/mmcr/<timestamp>); one that holds a run needs --resume")
-    resume: str = arg("", "a checkpoint to resume from, or 'auto' for <output-dir>/last.pt if it exists")
+    resume: str = arg("", "a checkpoint to resume from, or 'auto' for <output-dir>/last.pt if it exists; the run "
+                      "continues with the checkpoint's recipe")
     limit_train: int = arg(0, "use a random subset of this many training images (0 = all)")
     limit_test: int = arg(0, "use a random subset of this many test images (0 = all)")
     device: str = arg("auto", "auto, cuda or cpu")
     precision: str = arg("auto", "auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
     compile: bool = arg(False, "torch.compile the model and the augmentation")
-    log_every: int = arg(50, "steps between progress-bar updates (the only host syncs of the loop)")
-    checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch, at a log step, this many minutes "
-                                    "after the last save (0: only at epoch ends)")
+    log_every: int = arg(50, "steps between progress-bar updates, the loop's only host syncs (and steps 1, 2, 4...)")
+    checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch this many minutes after the last save "
+                                    "(0: only at epoch ends)")
     seed: int = arg(42, "random seed")
 
 
 # ----------------------------------------------------------------------------- data
 
+
+@dataclass
+class Data:
+    """Both splits of a dataset: images (uint8, N x 3 x S x S) or embeddings as x, int64 labels as y, class names."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list
+
+    def to(self, device):
+        return Data(self.train_x.to(device), self.train_y.to(device), self.test_x.to(device), self.test_y.to(device),
+                    self.classes)
+
+
 def load_dataset(cfg):
-    """(train_images, train_labels, test_images, test_labels, classes); images uint8 on CPU."""
+    """The dataset of --dataset as Data on the CPU: CIFAR (downloaded into --data-dir) or an ImageFolder (decoded
+    once, cached in --data-dir), resized to --image-size, cut to --limit-train / --limit-test."""
     if cfg.dataset in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
         try:
@@ -123,7 +157,7 @@ def load_dataset(cfg):
         if 0 < limit < len(split[i][0]):
             keep = torch.randperm(len(split[i][0]), generator=torch.Generator().manual_seed(0))[:limit]
             split[i] = (split[i][0][keep], split[i][1][keep])
-    return split[0][0], split[0][1], split[1][0], split[1][1], list(classes)
+    return Data(*split[0], *split[1], list(classes))
 
 
 # CIFAR-10's std is the reference's (0.2023, ...), widely copied from kuangliu/pytorch-cifar; the dataset's own
@@ -301,21 +335,22 @@ def where(coin, changed, x):
 DRAWS = 48
 
 
-def augment(images, gen, mean, std, size, compile=False, **aug):
-    """A batch of uint8 images (N, 3, H, W) -> N independently augmented, normalised float views.
+def augment(images, gen, aug):
+    """A batch of uint8 images (N, 3, H, W) -> N independently augmented float views, normalised, channels_last.
 
-    One call to the generator draws every random number of every view; augment_views turns them into views
-    with tensor maths alone. Eager, that is a few hundred small kernels, which on a GPU take more time to launch
-    than to run; with compile=True (--compile) torch.compile fuses them into a few.
+    aug: the recipe (AUGMENT) with the run's size (of the views), norm ((mean, std) per channel) and compile. One
+    call to the generator draws every random number of every view; augment_views turns them into views with tensor
+    maths alone. Eager, that is a few hundred small kernels, which on a GPU take more time to launch than to run;
+    with compile (--compile) torch.compile fuses them into a few.
     """
     numbers = torch.rand(images.shape[0], DRAWS, device=images.device, generator=gen)
-    m, s = channel_stats(tuple(mean), tuple(std), images.device)
-    return (compiled(augment_views) if compile else augment_views)(images, numbers, m, s, size, aug)
+    mean, std = channel_stats(*aug["norm"], images.device)
+    return (compiled(augment_views) if aug.get("compile") else augment_views)(images, numbers, mean, std, aug)
 
 
-def augment_views(images, numbers, mean, std, size, aug):
+def augment_views(images, numbers, mean, std, aug):
     """uint8 images (N, 3, H, W) and DRAWS uniform numbers per view -> the views, normalised with the (1, 3, 1, 1)
-    tensors mean and std; aug: the recipe (AUGMENT).
+    tensors mean and std.
 
     The per-image pipeline of the reference code, every random parameter drawn per view: RandomResizedCrop and
     flip, ColorJitter (random order) with probability p_jitter, grayscale, Gaussian blur (sigma 0.1-2), solarize.
@@ -329,7 +364,7 @@ def augment_views(images, numbers, mean, std, size, aug):
     draws = Draws(numbers)
     x = images.float().div_(255)
     box = sample_crops(draws.take(22), x.shape[2], x.shape[3], aug["scale"], aug["ratio"])
-    x = resized_crop_flip(x, *box, draws.coin(0.5), size)
+    x = resized_crop_flip(x, *box, draws.coin(0.5), aug["size"])
     x = color_jitter(x, *sample_jitter(draws, aug["jitter"], aug["p_jitter"]))
     x = where(draws.coin(aug["p_gray"]), grayscale(x).expand(-1, 3, -1, -1), x)
     x = where(draws.coin(aug["p_blur"]), aug["blur"](x, draws.uniform(0.1, 2.0)), x)
@@ -346,46 +381,92 @@ AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0
 @functools.lru_cache(maxsize=None)
 def channel_stats(mean, std, device):
     """mean and std as (1, 3, 1, 1) tensors on the device, made once (a host-to-device copy per step stalls the GPU)."""
-    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1).float(),
+            torch.tensor(std, device=device).view(1, 3, 1, 1).float())
 
 
-def normalize(x, mean, std):
-    """uint8 images or floats in [0, 1] -> standardised float views, channels_last."""
-    m, s = channel_stats(tuple(mean), tuple(std), x.device)
+def normalize(x, norm):
+    """uint8 images or floats in [0, 1] -> standardised float images, channels_last; norm: (mean, std) per channel."""
+    mean, std = channel_stats(*norm, x.device)
     x = x.float().div_(255) if x.dtype == torch.uint8 else x
-    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def save_views(images, views, mean, std, path, rows=8, columns=8):
+def save_views(images, views, norm, path, rows=8, columns=8):
     """A PNG of the first `rows` images, each followed by its first `columns` views as the model gets them."""
-    m, s = channel_stats(tuple(mean), tuple(std), views.device)
-    rows, size = min(rows, len(images)), views.shape[-1]
-    per_image = len(views) // len(images)
-    shown = (views.float() * s + m).clamp(0, 1).view(len(images), per_image, 3, size, size)[:rows, :columns]
+    mean, std = channel_stats(*norm, views.device)
+    rows = min(rows, len(images))
+    size = views.shape[-1]
+    shown = (views.float() * std + mean).clamp(0, 1).view(len(images), -1, 3, size, size)[:rows, :columns]
     originals = F.interpolate(images[:rows].float() / 255, size=(size, size), mode="bilinear", antialias=True)
-    grid = torch.cat([originals[:, None], shown], 1).flatten(0, 1)
-    torchvision.utils.save_image(grid.cpu(), path, nrow=1 + shown.shape[1], padding=1)
+    grid = torch.cat([originals[:, None], shown], 1).flatten(0, 1).cpu()
+    atomic_write(path, lambda tmp: torchvision.utils.save_image(grid, tmp, nrow=1 + shown.shape[1], padding=1,
+                                                                format="png"))
 
 
 # ----------------------------------------------------------------------------- model
 
 
-def cifar_resnet18():
-    """torchvision ResNet18 with a 3x3 stride-1 stem and no max-pool (32x32 inputs); fc removed: 512-d."""
-    net = torchvision.models.resnet18()
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return net
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm, added to a shortcut (a 1x1 convolution and BatchNorm where the shape
+    changes): torchvision's BasicBlock."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet18 (its layer names and initialisation) for 32x32 images: a 3x3 stride-1 stem, no max-pool,
+    no classifier. `width` channels in the first stage, 8 x width features (64: the standard ResNet18, 512-d)."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        self.width = width
+        self.feature_dim = 8 * width
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, width, 1))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 2 * width, 1))
+        self.layer3 = nn.Sequential(BasicBlock(2 * width, 4 * width, 2), BasicBlock(4 * width, 4 * width, 1))
+        self.layer4 = nn.Sequential(BasicBlock(4 * width, 8 * width, 2), BasicBlock(8 * width, 8 * width, 1))
+        # torchvision's initialisation; the stem keeps PyTorch's default, as in the reference code, which replaces
+        # torchvision's 7x7 stem after building the network
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m is not self.conv1:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
 class MMCRModel(nn.Module):
-    def __init__(self, projection_dim):
+    """ResNet18 -> projector Linear (no bias)-BN-ReLU-Linear: z, the embedding the loss sees."""
+
+    def __init__(self, width, projection_dim):
         super().__init__()
-        self.backbone = cifar_resnet18()
+        self.backbone = ResNet18(width)
         hidden = 2 * projection_dim
-        self.projector = nn.Sequential(nn.Linear(512, hidden, bias=False), nn.BatchNorm1d(hidden),
-                                       nn.ReLU(inplace=True), nn.Linear(hidden, projection_dim))
+        self.projector = nn.Sequential(nn.Linear(self.backbone.feature_dim, hidden, bias=False),
+                                       nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, projection_dim))
+        # what mmcr_finetune.py reads from a checkpoint to rebuild the backbone
+        self.architecture = {"backbone": type(self.backbone).__name__, "width": width,
+                             "feature_dim": self.backbone.feature_dim, "projection_dim": projection_dim}
 
     def forward(self, x):
         return self.projector(self.backbone(x))
@@ -443,23 +524,26 @@ def gather(z):
 
 
 @torch.no_grad()
-def extract_features(backbone, images, mean, std, batch_size=1024):
-    """512-d backbone features of uint8 images (no augmentation), in chunks, in eval mode."""
+def extract_features(backbone, images, norm, split, batch_size=1024):
+    """Backbone features of uint8 images (no augmentation), in chunks, in eval mode, with a progress bar."""
     was_training = backbone.training
     backbone.eval()
-    feats = torch.cat([backbone(normalize(chunk, mean, std)).float() for chunk in images.split(batch_size)])
+    chunks = tqdm(images.split(batch_size), desc=f"features of {split}", leave=False, mininterval=1)
+    features = torch.cat([backbone(normalize(chunk, norm)).float() for chunk in chunks])
     backbone.train(was_training)
-    return feats
+    return features
 
 
-def evaluate(cfg, model, data, mean, std, aug, autocast, epoch, rank, world):
-    """kNN top-1 / top-5 (%) of the backbone's features of the plain images; rank 0 evaluates, the others get Nones."""
-    if rank:
-        return None, None
-    xtr, ytr, xte, yte, classes = data
-    with autocast:
-        ftr, fte = (extract_features(model.backbone, x, mean, std) for x in (xtr, xte))
-    return knn_accuracy(ftr, ytr, fte, yte, cfg.num_neighbours, cfg.temperature, len(classes))
+def evaluate(cfg, model, data, aug, ctx):
+    """{knn_top1, knn_top5} (%) of the backbone's features of the plain images, on rank 0 (None on the others)."""
+    if not ctx.master:
+        return None
+    with ctx.autocast:
+        train = extract_features(model.backbone, data.train_x, aug["norm"], "train")
+        test = extract_features(model.backbone, data.test_x, aug["norm"], "test")
+    top1, top5 = knn_accuracy(train, data.train_y, test, data.test_y, cfg.num_neighbours, cfg.temperature,
+                              len(data.classes))
+    return {"knn_top1": top1, "knn_top5": top5}
 
 
 # ----------------------------------------------------------------------------- train
@@ -472,145 +556,102 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
     return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
 
-def main(cfg):
-    check_config(cfg)
-    ddp, rank, world, device, precision, autocast = setup(cfg)
-    master = rank == 0
-    cfg.output_dir = cfg.output_dir or os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
-    if not cfg.resume:
-        refuse_to_overwrite(cfg.output_dir)
+def batch(order, i, batch_size, ctx):
+    """This rank's share of the indices of the epoch's i-th batch (each rank: its slice of the same global batch)."""
+    local = batch_size // ctx.world
+    return order[i * batch_size + ctx.rank * local:][:local]
 
-    # data: each split once on the device as uint8
-    with rank_zero_first(ddp, master):
-        xtr, ytr, xte, yte, classes = load_dataset(cfg)
-    mean, std = normalization(cfg.normalize, cfg.dataset, xtr)
-    if cfg.batch_size > len(xtr):
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(xtr)} images)")
-    xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
-    data = xtr, ytr, xte, yte, classes
-    local_batch, views_per_image = cfg.batch_size // world, cfg.num_views
+
+def main(cfg, given=frozenset()):
+    ctx = setup(cfg)
+    # the output folder, locked for this run; with --resume, cfg now holds the run's recipe
+    control = RunControl(cfg, given, ctx)
+
+    # data: each split once on the device as uint8; the augmentation recipe with this run's flags
+    with rank_zero_first(ctx):
+        data = load_dataset(cfg).to(ctx.device)
+    fit_batch_size(cfg, given, len(data.train_x), ctx)
+    aug = dict(AUGMENT, p_gray=cfg.grayscale_prob, solarize_threshold=cfg.solarize_threshold, size=cfg.image_size,
+               norm=normalization(cfg.normalize, cfg.dataset, data.train_x), compile=cfg.compile)
     # the last partial batch is dropped
-    steps_per_epoch = len(xtr) // cfg.batch_size
+    steps_per_epoch = len(data.train_x) // cfg.batch_size
     total_steps = cfg.max_epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_duration * total_steps)
-    aug = dict(AUGMENT, p_gray=cfg.grayscale_prob, solarize_threshold=cfg.solarize_threshold, compile=cfg.compile)
 
-    # model, optimizer, resume
-    model = MMCRModel(cfg.projection_dim).to(device).to(memory_format=torch.channels_last)
+    # model, optimizer, and their state when resuming
+    model = MMCRModel(cfg.width, cfg.projection_dim).to(ctx.device, memory_format=torch.channels_last)
     # fused: one kernel, and no host sync under fp16
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                 fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    gen = torch.Generator(device)
-    hint = f"--projection-dim {cfg.projection_dim}?"
-    ckpt = resume(cfg, model, optimizer, scaler, steps_per_epoch, master, hint)
-    start_step, best, aug_states = 0, {"knn_top1": -1.0, "knn_top5": -1.0, "epoch": 0}, None
-    if ckpt:
-        start_step, best, aug_states = ckpt["step"], ckpt["best"], ckpt["aug_rng"]
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if master:
-        write_run_info(cfg, world_size=world, device=str(device), precision_used=precision, num_train=len(xtr),
-                       num_test=len(xte), num_classes=len(classes), steps_per_epoch=steps_per_epoch, mean=mean, std=std)
+                                 fused=ctx.device.type == "cuda")
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
+    gen = torch.Generator(ctx.device)
+    control.restore(model=model, optimizer=optimizer, scaler=scaler)
+    net = wrap(model, cfg, ctx)
 
-    def checkpoint(step):
-        """The state after `step` steps, with every rank's augmentation RNG so that a mid-epoch resume is exact."""
-        return {"script": SCRIPT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
-                "aug_rng": rng_states(gen, ddp, world), "config": dataclasses.asdict(cfg), "classes": classes,
-                "mean": list(mean), "std": list(std)}
+    def checkpoint():
+        """This script's state for last.pt / best.pt (the run control adds the step, the config and the best kNN)."""
+        return {"model": model.state_dict(), "architecture": model.architecture, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "aug_rng": rng_states(gen, ctx), "classes": data.classes,
+                "norm": aug["norm"]}
 
-    control, t_start = RunControl(cfg.checkpoint_minutes, ddp, master, device), time.time()
-    for epoch in range(start_step // steps_per_epoch, cfg.max_epochs):
-        first = max(0, start_step - epoch * steps_per_epoch)
-        perm = epoch_order(len(xtr), cfg.seed, epoch, device)
-        seed_augmentation(gen, cfg.seed, epoch, rank, world, aug_states if first else None)
-        loss_sum, t_epoch, stop = torch.zeros((), device=device), time.time(), False
-        # the bar closes also when an error (a divergence) leaves the loop
-        with tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", disable=not master,
-                  mininterval=1, leave=False) as bar:
-            for i in range(first, steps_per_epoch):
-                step = epoch * steps_per_epoch + i
-                lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.learning_rate))
-                idx = perm[i * cfg.batch_size + rank * local_batch:][:local_batch]
-                views = augment(xtr[idx].repeat_interleave(views_per_image, 0), gen, mean, std, cfg.image_size, **aug)
-                if step == 0 and master:
-                    save_views(xtr[idx], views, mean, std, os.path.join(cfg.output_dir, "views.png"))
-                with autocast:
-                    z = model(views)
-                loss = mmcr_loss(z.view(local_batch, views_per_image, -1), cfg.lmbda)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                bar.update()
-                if control.syncs_at(step + 1, cfg.log_every):
-                    stop, save = control.poll(step + 1, loss, raw_model)
-                    views_s = (i + 1 - first) * cfg.batch_size * views_per_image / (time.time() - t_epoch)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", views_s=f"{views_s:.0f}")
-                    # a stop or a timed save at an epoch's last step is left to the epoch end below
-                    if (stop or save) and i + 1 < steps_per_epoch:
-                        control.save(checkpoint(step + 1), cfg.output_dir, "last.pt")
-                    if stop:
-                        break
-
-        # end of epoch: kNN, metrics, checkpoints
-        if i + 1 == steps_per_epoch:
-            stop = control.poll(step + 1, loss, raw_model)[0] or stop
-            seconds, steps, top1, top5 = elapsed(t_epoch, device), steps_per_epoch - first, None, None
-            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs:
-                top1, top5 = evaluate(cfg, raw_model, data, mean, std, aug, autocast, epoch, rank, world)
-                if ddp:
-                    dist.barrier()
-            stats = {"epoch": epoch + 1, "step": step + 1, "loss": loss_sum.item() / steps, "lr": lr, "knn_top1": top1,
-                     "knn_top5": top5, "epoch_seconds": round(seconds, 3),
-                     "views_per_second": round(steps * cfg.batch_size * views_per_image / seconds, 1)}
-            improved = master and top1 is not None and top1 > best["knn_top1"]
-            if improved:
-                best = {"knn_top1": top1, "knn_top5": top5, "epoch": epoch + 1}
-            control.save(checkpoint(step + 1), cfg.output_dir, *(["best.pt"] if improved else []), "last.pt")
-            if master:
-                append_metrics(cfg.output_dir, stats)
-                knn = "knn -" if top1 is None else f"knn top1 {top1:.2f} top5 {top5:.2f}"
-                print(f"epoch {epoch + 1}/{cfg.max_epochs} step {step + 1} loss {stats['loss']:.4f} lr {lr:.2e} {knn} "
-                      f"{seconds:.1f}s {stats['views_per_second']:.0f} views/s", flush=True)
-        if stop:
-            control.interrupted(cfg.output_dir, step + 1)
-    if master:
-        print(f"done: best knn top1 {best['knn_top1']:.2f} top5 {best['knn_top5']:.2f} (epoch {best['epoch']}) "
-              f"in {time.time() - t_start:.1f}s; checkpoints in {cfg.output_dir}")
-    if ddp:
-        dist.destroy_process_group()
+    control.start(checkpoint, model, steps_per_epoch, ("views", cfg.batch_size * cfg.num_views),
+                  num_train=len(data.train_x), num_test=len(data.test_x), num_classes=len(data.classes),
+                  steps_per_epoch=steps_per_epoch, norm=aug["norm"])
+    for epoch in control.epochs():
+        order = epoch_order(len(data.train_x), cfg.seed, epoch, ctx.device)
+        seed_augmentation(gen, cfg.seed, epoch, ctx, control.saved("aug_rng", epoch))
+        for step in control.steps(epoch):
+            lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.learning_rate))
+            images = data.train_x[batch(order, step % steps_per_epoch, cfg.batch_size, ctx)]
+            # the views of an image are consecutive: (images x views, 3, size, size)
+            views = augment(images.repeat_interleave(cfg.num_views, 0), gen, aug)
+            if step == 0 and ctx.master:
+                save_views(images, views, aug["norm"], os.path.join(cfg.output_dir, "views.png"))
+            with ctx.autocast:
+                z = net(views).view(len(images), cfg.num_views, -1)
+            loss = mmcr_loss(z, cfg.lmbda)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            control.step_done(loss, lr)
+        # the end of an epoch (a stop inside it skips this): kNN, metrics.jsonl, checkpoints
+        if control.epoch_complete:
+            due = (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs
+            control.end_epoch(evaluate(cfg, model, data, aug, ctx) if due else None)
+    control.finish()
 
 
 # ----------------------------------------------------------------------------- plumbing
+# Nothing below changes the method: errors and exit codes, flags, DDP, the run folder and its lock, resume, the run
+# control around the loop, random states, files.
 
 
 class UserError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2, never a traceback."""
+    """Bad input or a file that cannot be written: one line on stderr, exit code 2, never a traceback."""
 
 
 class Diverged(Exception):
-    """Non-finite weights: one line on stderr, exit code 3; last.pt and best.pt keep the last finite state."""
+    """Non-finite weights: one line on stderr, exit code 3."""
 
-    def __init__(self, step, loss):
-        super().__init__(f"training diverged at step {step}: the loss is {loss:.4g} and the weights are no longer "
-                         f"finite; last.pt and best.pt keep the last finite state. Try a lower --learning-rate, or "
-                         f"--precision bf16 or fp32 if this ran in fp16")
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM: one line on stderr (what was saved, how to continue), exit code 128 + the signal."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
 
 
 def check_config(cfg):
+    check_common(cfg)
     problems = [(cfg.num_views < 2, "--num-views must be at least 2 (MMCR averages views)"),
                 (cfg.batch_size < 1, "--batch-size must be positive"),
                 (cfg.max_epochs < 1, "--max-epochs must be at least 1"),
                 (cfg.learning_rate <= 0 or cfg.weight_decay < 0,
                  "--learning-rate must be positive, --weight-decay >= 0"),
                 (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
-                (cfg.projection_dim < 1, "--projection-dim must be positive"),
+                (cfg.width < 1 or cfg.projection_dim < 1, "--width and --projection-dim must be positive"),
                 (not 0 <= cfg.grayscale_prob <= 1 or not 0 <= cfg.solarize_threshold <= 1,
                  "--grayscale-prob and --solarize-threshold must be in [0, 1]"),
                 (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
@@ -626,160 +667,472 @@ def check_config(cfg):
     for bad, message in problems:
         if bad:
             raise UserError(message)
+    # a run records where its data is, so that a resume or mmcr_finetune.py finds it from any directory
+    if cfg.dataset not in ("cifar10", "cifar100"):
+        cfg.dataset = os.path.abspath(cfg.dataset)
+
+
+def check_common(cfg):
+    """What every script checks: float flags are finite numbers (NaN passes every comparison unnoticed), and
+    --resume auto names its folder."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
+    if cfg.resume == "auto" and not cfg.output_dir:
+        raise UserError("--resume auto needs --output-dir, the folder of the run to continue")
 
 
 def parse_config(argv=None):
-    """argparse generated from the dataclass: --batch-size for batch_size, help from the field."""
+    """argparse generated from the dataclass (--batch-size for batch_size, help from the field): the Config and the
+    names of the flags that the command line gave (a resume takes the others from its checkpoint)."""
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         name = "--" + f.name.replace("_", "-")
+        shown = f"{f.metadata['help']} (default: {readable(f.default)})".replace("%", "%%")
         if f.type is bool or f.type == "bool":
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=shown)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(name, type=kind, default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
-    return Config(**vars(parser.parse_args(argv)))
+            parser.add_argument(name, type=kind, help=shown)
+    given = vars(parser.parse_args(argv))
+    return Config(**given), frozenset(given)
 
 
-def setup(cfg):
-    """(ddp, rank, world, device, precision, autocast). DDP when torchrun set RANK: one process per GPU (NCCL) or
-    per CPU process (gloo); otherwise one process. Precision auto: bf16 where the GPU has it (compute capability 8+),
-    fp16 with a GradScaler before, fp32 on the CPU."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-        # rank 0 evaluates (and decodes a new ImageFolder) while the others wait: allow that more than 10 minutes
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+def readable(value):
+    """A default as a person writes it: 1/255 rather than 0.00392156862745098, 1e-06, '' as ''."""
+    if isinstance(value, float):
+        fraction = fractions.Fraction(value).limit_denominator(1000)
+        if float(fraction) == value and fraction.denominator > 1 and len(repr(value)) > 8:
+            return f"{fraction.numerator}/{fraction.denominator}"
+        return f"{value:g}"
+    return repr(value) if value == "" else value
+
+
+@dataclass
+class Context:
+    """Where this process runs: its device, its rank among the `world` processes of a torchrun job (0 of 1 without
+    one), and the precision of its forward passes: `with ctx.autocast:` runs one in it."""
+    device: torch.device
+    precision: str
+    rank: int = 0
+    world: int = 1
+    ddp: bool = False
+    # under DDP with NCCL, a gloo group for the host-side flags that the ranks agree on at every step
+    cpu_group: object = None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32")
+
+
+def context(cfg, rank=0, world=1, ddp=False, cpu_group=None):
+    """The Context of this process: its GPU (the LOCAL_RANK-th) if there is one and --device allows, else the CPU.
+    Precision auto: bf16 where the GPU has it (compute capability 8+), fp16 with a GradScaler before, fp32 on a CPU."""
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     precision = cfg.precision
     if precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-        precision = "fp32" if device.type == "cpu" else "bf16" if bf16 else "fp16"
-    ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    autocast = torch.autocast(device.type, dtype=ptdtype, enabled=precision != "fp32")
+        precision = "fp32" if not cuda else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
-    return ddp, rank, world, device, precision, autocast
+    return Context(device, precision, rank, world, ddp, cpu_group)
+
+
+def setup(cfg):
+    """check_config, then the Context, with DDP when torchrun set RANK: one process per GPU (NCCL) or per CPU
+    process (gloo)."""
+    check_config(cfg)
+    if "RANK" not in os.environ:
+        return context(cfg)
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    # rank 0 evaluates (and decodes a new ImageFolder) while the others wait: allow that more than 10 minutes
+    timeout = datetime.timedelta(hours=2)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
+    return context(cfg, dist.get_rank(), dist.get_world_size(), True, cpu_group)
 
 
 @contextmanager
-def rank_zero_first(ddp, master):
+def rank_zero_first(ctx):
     """Rank 0 runs the block first (a download, a decoding to cache), then the other ranks (which read the cache)."""
-    if ddp and not master:
+    if ctx.ddp and not ctx.master:
         dist.barrier()
     yield
-    if ddp and master:
+    if ctx.ddp and ctx.master:
         dist.barrier()
 
 
-def refuse_to_overwrite(output_dir):
-    """Without --resume, a folder that already holds a run is an error, and nothing in it is touched."""
-    found = [f for f in ("config.json", "metrics.jsonl", "last.pt", "best.pt")
-             if os.path.exists(os.path.join(output_dir, f))]
-    if found:
-        raise UserError(f"--output-dir {output_dir} already holds a run ({', '.join(found)}): pass --resume auto to "
-                        f"continue it, or choose another --output-dir")
+def fit_batch_size(cfg, given, n, ctx):
+    """A default --batch-size larger than the training set shrinks to it, with a note; a given one is an error."""
+    if cfg.batch_size > n:
+        if "batch_size" in given:
+            raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({n} images)")
+        cfg.batch_size = n - n % ctx.world
+        if ctx.master:
+            print(f"note: --batch-size {cfg.batch_size}, the size of the training set (the default is larger)")
+    if cfg.batch_size % ctx.world:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} processes")
 
 
-def resume(cfg, model, optimizer, scaler, steps_per_epoch, master, hint):
-    """Load --resume (auto: <output-dir>/last.pt if there is one) into model, optimizer and scaler: the checkpoint,
-    or None for a fresh run.
-
-    The command line, not the checkpoint, sets the recipe (a longer --max-epochs extends a run). metrics.jsonl keeps
-    only the lines up to the checkpoint's step, so that a run resumed from an older checkpoint never repeats an epoch.
-    """
-    path = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
-    if not path or (cfg.resume == "auto" and not os.path.exists(path)):
-        return None
-    ckpt = load_checkpoint(path, SCRIPT)
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError) as e:
-        problem = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
-        raise UserError(f"{path} does not fit this run ({hint}): {problem[:200]}")
-    for group in optimizer.param_groups:
-        group["weight_decay"] = cfg.weight_decay
-    # fp16 both then and now
-    if scaler.is_enabled() and ckpt["scaler"]:
-        scaler.load_state_dict(ckpt["scaler"])
-    if master:
-        print(f"resumed from {path} at step {ckpt['step']} (epoch {ckpt['step'] / steps_per_epoch:.2f})")
-        metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
-        if os.path.exists(metrics):
-            with open(metrics) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= ckpt["step"]]
-            with open(metrics + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(metrics + ".tmp", metrics)
-    return ckpt
+def wrap(model, cfg, ctx):
+    """What the training loop calls: the model, compiled with --compile, in DDP under torchrun. Checkpoints save the
+    model itself."""
+    if cfg.compile:
+        model = torch.compile(model)
+    if ctx.ddp:
+        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return model
 
 
-def write_run_info(cfg, **derived):
-    """config.json: every flag and what was derived from them (also printed)."""
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    info = dict(dataclasses.asdict(cfg), **derived)
-    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    print(json.dumps(info))
-
-
-def append_metrics(output_dir, stats):
-    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(stats) + "\n")
+# Flags that a resume may change: they do not change what the run computes. Every other flag comes from the checkpoint.
+RESUME_MAY_CHANGE = {"max_epochs", "eval_every", "log_every", "checkpoint_minutes", "device", "precision", "compile",
+                     "data_dir", "output_dir", "resume"}
+# What makes a folder hold a run (config.json and views.png alone do not: their run never saved)
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 
 
 class RunControl:
-    """What the loop decides at its host syncs, the log steps: stop after Ctrl-C / SIGTERM, save last.pt every
-    --checkpoint-minutes, stop with exit code 3 once the weights are not finite. DDP ranks decide together."""
+    """Everything around the training loop, so that main() shows the method: the output folder (locked while the run
+    lives), resume, the progress bar, timed saves, stop requests (Ctrl-C, SIGTERM), the divergence check, metrics.jsonl,
+    last.pt / best.pt and the epoch lines. Under DDP the ranks take every decision together."""
 
-    def __init__(self, checkpoint_minutes, ddp, master, device):
-        self.minutes, self.ddp, self.master, self.device = checkpoint_minutes, ddp, master, device
-        self.signals, self.saved_at = [], time.time()
+    def __init__(self, cfg, given, ctx):
+        self.cfg, self.ctx, self.signals = cfg, ctx, []
         for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda signum, frame: self.signals.append(signum))
+            RunControl.handlers.setdefault(s, signal.getsignal(s))
+            signal.signal(s, self.on_signal)
+        self.resume_path = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
+        if cfg.resume == "auto" and not os.path.exists(self.resume_path):
+            self.resume_path = ""
+        self.resumed = load_checkpoint(self.resume_path, SCRIPT) if self.resume_path else None
+        # a resume continues the checkpoint's recipe; config.json records what it changed
+        self.changed = adopt_recipe(cfg, given, self.resumed, self.resume_path) if self.resumed else {}
+        # a resume goes on in the checkpoint's own folder unless --output-dir says otherwise
+        fresh = os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
+        cfg.output_dir = cfg.output_dir or (os.path.dirname(self.resume_path) if self.resumed else fresh)
+        self.run_id = self.resumed.get("run_id") if self.resumed else uuid.uuid4().hex[:12]
+        if ctx.master:
+            RunControl.locks.append(claim_output_dir(cfg.output_dir, self.resumed, self.run_id, self.resume_path))
+        self.step = self.resumed["step"] if self.resumed else 0
+        self.best = self.resumed.get("best", {}) if self.resumed else {}
+        self.started, self.saved_step, self.stopping = self.step, None, False
+        self.t_start = self.saved_at = time.time()
 
-    def syncs_at(self, step, log_every):
-        # one process stops at the step after a signal; DDP ranks can only agree at log steps
-        return step % log_every == 0 or (bool(self.signals) and not self.ddp)
+    # what release() gives back when the process is done with the run: signal handlers, output-folder locks
+    handlers, locks = {}, []
 
-    def poll(self, step, loss, model):
-        """(stop, save) at a sync step; Diverged if the weights are not finite (the sum of all weights is not)."""
-        timed = self.master and self.minutes > 0 and time.time() - self.saved_at >= 60 * self.minutes
-        weights = sum(p.detach().float().sum() for p in model.parameters())
-        flags = torch.cat([torch.tensor([len(self.signals), timed], dtype=torch.float, device=self.device),
-                           (~torch.isfinite(weights)).float().view(1)])
-        if self.ddp:
-            dist.all_reduce(flags)
-        stop, save, diverged = (flags > 0).tolist()
-        if diverged:
-            raise Diverged(step, loss.item())
-        return stop, save
+    def on_signal(self, signum, frame):
+        self.signals.append(signum)
+        # the first one stops the run at the next step (or after the evaluation running now); a second quits at once
+        if len(self.signals) > 1:
+            raise Stopped(signum, f"interrupted again: quit at once; {self.kept()}")
 
-    def save(self, ckpt, output_dir, *names):
-        """Write ckpt as each of names (rank 0; every rank must build ckpt, a collective under DDP)."""
-        if self.master:
+    @classmethod
+    def release(cls):
+        """The previous signal handlers back, and the output folder's lock emptied and released."""
+        for s, handler in cls.handlers.items():
+            signal.signal(s, handler)
+        cls.handlers.clear()
+        while cls.locks:
+            lock = cls.locks.pop()
+            with contextlib.suppress(OSError, ValueError):
+                lock.seek(0)
+                lock.truncate()
+                lock.close()
+
+    def restore(self, **objects):
+        """Resuming: load the checkpoint's saved states into the objects (model=..., optimizer=..., scaler=...)."""
+        for name, obj in objects.items():
+            state = self.resumed.get(name) if self.resumed else None
+            # a GradScaler's state carries over only from fp16 to fp16
+            if not self.resumed or (isinstance(obj, torch.amp.GradScaler) and not (obj.is_enabled() and state)):
+                continue
+            try:
+                obj.load_state_dict(state)
+            except (KeyError, RuntimeError, ValueError, TypeError) as e:
+                problem = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
+                raise UserError(f"{self.resume_path}: its {name} does not fit this script's: {problem[:200]}")
+
+    def start(self, checkpoint, model, steps_per_epoch, throughput, /, **info):
+        """Before the first step: checkpoint() (the script's state to save), the model whose weights the divergence
+        check reads, the steps per epoch, throughput (unit, count per step) for the progress bar and the metrics, and
+        config.json: every flag and `info` (a resume adds a record of itself to the run's config.json)."""
+        self.checkpoint, self.model, self.steps_per_epoch = checkpoint, model, steps_per_epoch
+        self.unit, self.per_step = throughput
+        if self.ctx.master:
+            write_run_info(self.cfg, self.ctx, self.run_id, self.resumed, self.resume_path, self.changed, info)
+
+    def saved(self, key, epoch):
+        """The checkpoint's `key` (a random state) if `epoch` continues from it in the middle, else None."""
+        mid_epoch = self.resumed and self.resumed["step"] % self.steps_per_epoch
+        return self.resumed[key] if mid_epoch and epoch == self.resumed["step"] // self.steps_per_epoch else None
+
+    def epochs(self):
+        """The epochs still to run; after a stop request, a Stopped exception instead (exit code 128 + signal)."""
+        epoch = self.step // self.steps_per_epoch
+        self.agree()
+        while not self.stopping and epoch < self.cfg.max_epochs:
+            yield epoch
+            epoch += 1
+        if self.stopping:
+            raise self.stopped()
+
+    def steps(self, epoch):
+        """The steps of `epoch` still to run, with a progress bar; they end early, after a save, on a stop request."""
+        self.epoch, self.first = epoch, max(self.step, epoch * self.steps_per_epoch)
+        self.epoch_end = (epoch + 1) * self.steps_per_epoch
+        self.loss_sum, self.t_epoch = torch.zeros((), device=self.ctx.device), time.time()
+        self.bar = tqdm(total=self.steps_per_epoch, initial=self.first - epoch * self.steps_per_epoch,
+                        desc=f"epoch {epoch + 1}/{self.cfg.max_epochs}", disable=not self.ctx.master, mininterval=1,
+                        leave=False)
+        with self.bar:
+            for step in range(self.first, self.epoch_end):
+                yield step
+                if self.stopping:
+                    return
+
+    def step_done(self, loss, lr, **shown):
+        """After each training step: at the log steps (the loop's only host syncs) check the weights and show the loss,
+        lr, `shown` and the speed; save last.pt once --checkpoint-minutes have passed; note a stop request."""
+        self.step += 1
+        self.loss_sum += loss.detach()
+        self.lr, self.loss = lr, loss
+        self.bar.update()
+        since = self.step - self.started
+        if since % self.cfg.log_every == 0 or (since < self.cfg.log_every and since & (since - 1) == 0):
+            self.check_finite()
+            rate = (self.step - self.first) * self.per_step / (time.time() - self.t_epoch)
+            values = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in dict(loss=loss, **shown).items()}
+            self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "lr": f"{lr:.2e}",
+                                  f"{self.unit}/s": f"{rate:.0f}"})
+        stop, timed = self.agree()
+        if (stop or timed) and self.step < self.epoch_end:
+            self.save("last.pt")
+
+    @property
+    def epoch_complete(self):
+        return self.step == self.epoch_end
+
+    def end_epoch(self, scores=None):
+        """After an epoch's last step: check the weights, add the epoch's line to metrics.jsonl (scores: what the
+        evaluation returned; best.pt keeps the best of its first value), save last.pt (and best.pt), print the line."""
+        self.check_finite()
+        seconds = elapsed(self.t_epoch, self.ctx.device)
+        steps = self.step - self.first
+        stats = {"epoch": self.epoch + 1, "step": self.step, "loss": self.loss_sum.item() / steps, "lr": self.lr,
+                 **(scores or {}), "epoch_seconds": round(seconds, 3),
+                 f"{self.unit}_per_second": round(steps * self.per_step / seconds, 1)}
+        key = next(iter(scores or {}), None)
+        improved = key is not None and scores[key] > self.best.get(key, -math.inf)
+        if improved:
+            self.best = dict(scores, epoch=self.epoch + 1)
+        # metrics first: a kill before the checkpoint only makes a resume repeat this epoch (and drop this line)
+        if self.ctx.master:
+            append_metrics(self.cfg.output_dir, stats)
+        # a stop requested during the evaluation ends the run after this save
+        self.agree()
+        self.save(*(["best.pt"] if improved else []), "last.pt")
+        if self.ctx.master:
+            shown = " ".join(f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.2f}"
+                             for k, v in stats.items() if k not in ("epoch", "step") and "second" not in k)
+            print(f"epoch {self.epoch + 1}/{self.cfg.max_epochs} step {self.step} {shown} {seconds:.1f}s "
+                  f"{stats[f'{self.unit}_per_second']:.0f} {self.unit}/s", flush=True)
+
+    def finish(self):
+        if self.ctx.master:
+            best = " ".join(f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2f}" for k, v in self.best.items()
+                            if k != "epoch")
+            print(f"done: best {best or '-'} (epoch {self.best.get('epoch', '-')}) in "
+                  f"{time.time() - self.t_start:.1f}s; checkpoints in {self.cfg.output_dir}")
+
+    def agree(self):
+        """(stop, timed save): a stop was requested; --checkpoint-minutes have passed since the last save (rank 0's
+        clock). Decided on the host at every step, with no GPU sync, and all-reduced under DDP."""
+        minutes = self.cfg.checkpoint_minutes
+        flags = [len(self.signals) > 0, self.ctx.master and 0 < minutes <= (time.time() - self.saved_at) / 60]
+        if self.ctx.ddp:
+            votes = torch.tensor(flags, dtype=torch.float)
+            dist.all_reduce(votes, group=self.ctx.cpu_group)
+            flags = (votes > 0).tolist()
+        self.stopping = flags[0]
+        return flags
+
+    def check_finite(self):
+        """Diverged once the weights are not finite (their sum is not); a GPU sync, so at log steps and epoch ends."""
+        weights = sum(p.detach().float().sum() for p in self.model.parameters())
+        bad = (~torch.isfinite(weights)).float()
+        if self.ctx.ddp:
+            dist.all_reduce(bad)
+        if bad.item():
+            raise Diverged(f"training diverged at step {self.step}: the loss is {self.loss.item():.4g} and the weights "
+                           f"are no longer finite; {self.kept()}. Try a lower --learning-rate, or --precision bf16 or "
+                           f"fp32 if this ran in fp16")
+
+    def save(self, *names):
+        """Write the checkpoint of this step as each of names (rank 0; every rank builds it, a collective under DDP)."""
+        ckpt = dict(self.checkpoint(), script=SCRIPT, run_id=self.run_id, step=self.step,
+                    epoch=self.step // self.steps_per_epoch, best=self.best, config=dataclasses.asdict(self.cfg))
+        if self.ctx.master:
             for name in names:
-                atomic_save(ckpt, os.path.join(output_dir, name))
-        self.saved_at = time.time()
+                atomic_save(ckpt, os.path.join(self.cfg.output_dir, name))
+        self.saved_step, self.saved_at = self.step, time.time()
 
-    def interrupted(self, output_dir, step):
-        if self.master:
-            print(f"interrupted: saved {os.path.join(output_dir, 'last.pt')} at step {step}; continue with "
-                  f"--resume auto --output-dir {output_dir}", file=sys.stderr)
-        if self.ddp:
-            dist.destroy_process_group()
-        sys.exit(128 + (self.signals[0] if self.signals else signal.SIGTERM))
+    def kept(self):
+        """What the run folder holds to go on from, in words."""
+        kept = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(self.cfg.output_dir, f))]
+        if not kept:
+            return "nothing was saved, so the folder can take a new run"
+        step = self.saved_step if self.saved_step is not None else self.resumed["step"] if self.resumed else "?"
+        return f"{' and '.join(kept)} in {self.cfg.output_dir} keep the state of step {step}"
+
+    def stopped(self):
+        signum = self.signals[0] if self.signals else signal.SIGTERM
+        if not os.path.exists(os.path.join(self.cfg.output_dir, "last.pt")):
+            return Stopped(signum, "interrupted before the first save: nothing to continue")
+        what = (f"saved {os.path.join(self.cfg.output_dir, 'last.pt')} at step {self.saved_step}"
+                if self.saved_step is not None else f"stopped before training went on; {self.kept()}")
+        launcher = f"torchrun --nproc_per_node {self.ctx.world}" if self.ctx.ddp else "python"
+        return Stopped(signum, f"interrupted: {what}; continue with {launcher} {shlex.quote(sys.argv[0])} "
+                               f"--resume auto --output-dir {shlex.quote(self.cfg.output_dir)}")
+
+
+def adopt_recipe(cfg, given, ckpt, path):
+    """A resume continues the run's recipe: every flag comes from the checkpoint's config but those in
+    RESUME_MAY_CHANGE that the command line gives. Another value for any other flag is a UserError that lists them.
+    Returns {flag: [the run's value, the new one]} of the changes made."""
+    saved = ckpt["config"]
+    if cfg.dataset not in ("cifar10", "cifar100") and "dataset" in saved:
+        saved = dict(saved, dataset=os.path.abspath(saved["dataset"]) if saved["dataset"] else "")
+    differ = sorted(n for n in given if n not in RESUME_MAY_CHANGE and n in saved and saved[n] != getattr(cfg, n))
+    if differ:
+        listed = ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} (the run's: {saved[n]})" for n in differ)
+        raise UserError(f"{path} continues its run's recipe, and the command line changes it: {listed}; leave these "
+                        f"flags out to continue the run, or start a new run in another --output-dir")
+    changed = {n: [saved[n], getattr(cfg, n)] for n in sorted(given & RESUME_MAY_CHANGE - {"resume", "output_dir"})
+               if n in saved and saved[n] != getattr(cfg, n)}
+    for f in dataclasses.fields(cfg):
+        if f.name in saved and f.name not in given and f.name not in ("resume", "output_dir"):
+            setattr(cfg, f.name, saved[f.name])
+    return changed
+
+
+def claim_output_dir(output_dir, resumed, run_id, resume_path):
+    """Create --output-dir and lock it while this process lives (rank 0; the lock file .lock holds its PID). Refused,
+    changing nothing: a folder another live process holds; a new run into a folder that holds a run; a resume into a
+    folder that holds another run (another run id). A lock left by a dead process is taken over with a warning."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --output-dir {output_dir}: {e.strerror}")
+    check_output_dir(output_dir, resumed, run_id, resume_path)
+    try:
+        lock = open(os.path.join(output_dir, ".lock"), "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to --output-dir {output_dir}: {e.strerror}")
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        # no fcntl (Windows): no lock
+        pass
+    except OSError:
+        lock.seek(0)
+        holder = (lock.read().split() or ["?"])[0]
+        raise UserError(f"--output-dir {output_dir} is in use by another run (PID {holder}); wait for it to end, "
+                        f"or choose another --output-dir")
+    # the holder's files may have appeared while this process waited for the lock
+    check_output_dir(output_dir, resumed, run_id, resume_path)
+    lock.seek(0)
+    previous = lock.read().split()
+    if previous:
+        print(f"warning: --output-dir {output_dir} was locked by PID {previous[0]}, which ended without releasing it "
+              f"(a crash or a kill); taking it over", file=sys.stderr)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    lock.flush()
+    # RunControl.release() empties the lock file at the end; the kernel releases the lock when the process ends, in
+    # any way (a kill leaves the PID in the file: the next run warns)
+    return lock
+
+
+def check_output_dir(output_dir, resumed, run_id, resume_path):
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
+    if held and not resumed:
+        raise UserError(f"--output-dir {output_dir} already holds a run ({', '.join(held)}): pass --resume auto to "
+                        f"continue it, or choose another --output-dir")
+    folder_run = folder_run_id(output_dir) if held else run_id
+    if folder_run != run_id:
+        raise UserError(f"--output-dir {output_dir} holds another run (run id {folder_run}) than {resume_path} (run id "
+                        f"{run_id}): resume into that run's own folder, or into an empty one")
+
+
+def folder_run_id(output_dir):
+    """The run id of the run a folder holds (from config.json, else last.pt), None if it has none."""
+    try:
+        with open(os.path.join(output_dir, "config.json")) as f:
+            return json.load(f).get("run_id")
+    except (OSError, ValueError):
+        path = os.path.join(output_dir, "last.pt")
+        return load_checkpoint(path, SCRIPT).get("run_id") if os.path.exists(path) else None
+
+
+def write_run_info(cfg, ctx, run_id, resumed, resume_path, changed, info):
+    """config.json: the run id, every flag and what was derived from them (`info`), also printed. A resume keeps the
+    run's config.json and appends a record: when, from which checkpoint and step, which flags it changed. On resume
+    metrics.jsonl keeps only the lines up to the checkpoint's step, so that no epoch is listed twice."""
+    path = os.path.join(cfg.output_dir, "config.json")
+    derived = dict(world_size=ctx.world, device=str(ctx.device), precision_used=ctx.precision, **info)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    run = {"run_id": run_id, "started": now, **dataclasses.asdict(cfg), **derived}
+    if resumed:
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                previous = json.load(f)
+            run = previous if previous.get("run_id") == run_id else run
+        record = {"at": now, "from": os.path.abspath(resume_path), "step": resumed["step"], "changed": changed,
+                  **{k: derived[k] for k in ("world_size", "device", "precision_used")}}
+        run.setdefault("resumes", []).append(record)
+        print(f"resumed from {resume_path} at step {resumed['step']}" + (f", changing {changed}" if changed else ""))
+        keep_metrics_until(cfg.output_dir, resumed["step"])
+    atomic_write(path, lambda tmp: write_text(tmp, json.dumps(run, indent=2)))
+    print(json.dumps(dict(dataclasses.asdict(cfg), **derived)))
+
+
+def keep_metrics_until(output_dir, step):
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write(path, lambda tmp: write_text(tmp, "".join(kept)))
+
+
+def append_metrics(output_dir, stats):
+    """One JSON line per epoch; a failed append (a full disk) is cut off again, leaving no half line."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror})")
+    try:
+        size = os.fstat(fd).st_size
+        os.write(fd, (json.dumps(stats) + "\n").encode())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise UserError(f"cannot write {path} ({e.strerror}: is the disk full?); it keeps the lines before")
+    finally:
+        os.close(fd)
 
 
 def epoch_order(n, seed, epoch, device):
@@ -787,20 +1140,20 @@ def epoch_order(n, seed, epoch, device):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(device)
 
 
-def seed_augmentation(gen, seed, epoch, rank, world, saved=None):
+def seed_augmentation(gen, seed, epoch, ctx, saved=None):
     """The augmentation RNG at an epoch's start: a pure function of (seed, epoch, rank). A mid-epoch resume restores
     the state saved in the checkpoint instead, if it came from as many ranks on the same kind of device."""
-    if saved is not None and len(saved) == world and saved[rank].numel() == gen.get_state().numel():
-        gen.set_state(saved[rank])
+    if saved is not None and len(saved) == ctx.world and saved[ctx.rank].numel() == gen.get_state().numel():
+        gen.set_state(saved[ctx.rank])
     else:
-        gen.manual_seed(seed * 100003 + epoch * 1009 + rank)
+        gen.manual_seed(seed * 100003 + epoch * 1009 + ctx.rank)
 
 
-def rng_states(gen, ddp, world):
+def rng_states(gen, ctx):
     """Every rank's generator state, for the checkpoint (a collective under DDP)."""
     states = [gen.get_state().cpu()]
-    if ddp:
-        states = [None] * world
+    if ctx.ddp:
+        states = [None] * ctx.world
         dist.all_gather_object(states, gen.get_state().cpu())
     return states
 
@@ -825,11 +1178,31 @@ def elapsed(t, device):
     return time.time() - t
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file, then os.replace: a kill during saving never leaves a corrupt file."""
+def atomic_write(path, write):
+    """write(tmp), then os.replace(tmp, path): a kill never leaves a broken file. A failed write (a full or read-only
+    disk) removes tmp and is a UserError that names the file and says whether the previous one is kept."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or ["?"])[-1]
+        kept = f"; the previous {os.path.basename(path)} is unchanged" if os.path.exists(path) else ""
+        raise UserError(f"cannot write {path} ({reason.strip()[:160]}: is the disk full or read-only?){kept}") from None
+
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_torch_file(path, what):
@@ -850,6 +1223,9 @@ def load_checkpoint(path, script):
     if ckpt["script"] != script:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py")
     return ckpt
+
+
+_cache_warned = []
 
 
 def load_image_folder(root, image_size, cache_dir):
@@ -886,9 +1262,11 @@ def load_image_folder(root, image_size, cache_dir):
             problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}"
         print(f"warning: cannot use the cached decoded images {cache} ({problem}); removing it and decoding again",
               file=sys.stderr)
-        os.remove(cache)
+        with contextlib.suppress(OSError):
+            os.remove(cache)
     images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
-    for i, path in enumerate(tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1)):
+    unreadable = []
+    for i, path in enumerate(tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1, leave=False)):
         try:
             with Image.open(path) as im:
                 # grayscale, palette and RGBA all occur in the wild
@@ -903,18 +1281,47 @@ def load_image_folder(root, image_size, cache_dir):
                 pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
                 images[i] = pixels.view(image_size, image_size, 3).permute(2, 0, 1)
         except Exception as e:
-            raise UserError(f"cannot read image {path}: {e}")
+            unreadable.append(f"{path} ({e})")
+    if unreadable:
+        more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+        raise UserError(f"cannot read {len(unreadable)} images: {'; '.join(unreadable[:10])}{more}")
     labels = torch.tensor(labels, dtype=torch.long)
-    os.makedirs(cache_dir, exist_ok=True)
-    atomic_save({"images": images, "labels": labels, "classes": classes}, cache)
+    # the cache is optional: a full or read-only --data-dir costs a decoding next time, not this run
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        atomic_save({"images": images, "labels": labels, "classes": classes}, cache)
+    except (OSError, UserError) as e:
+        if not _cache_warned:
+            _cache_warned.append(cache_dir)
+            print(f"warning: cannot cache the decoded images in {cache_dir} ({e}); the next run decodes again",
+                  file=sys.stderr)
     return images, labels, classes
 
 
-if __name__ == "__main__":
-    cfg = parse_config()
+def cli(argv=None):
+    """main() as a command: exit code 0 when done; bad input or an unwritable file 2, divergence 3, Ctrl-C / SIGTERM
+    128 + the signal, each with one line on stderr."""
+    cfg, given = parse_config(argv)
+    code, message = 0, None
     try:
-        main(cfg)
-    # OSError: an unwritable --output-dir or --data-dir, a full disk. Exit code 2: bad input; 3: training diverged.
-    except (UserError, OSError, Diverged) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(3 if isinstance(e, Diverged) else 2)
+        main(cfg, given)
+    except (UserError, OSError) as e:
+        code, message = 2, f"{os.path.basename(__file__)}: error: {e}"
+    except Diverged as e:
+        code, message = 3, f"{os.path.basename(__file__)}: error: {e}"
+    except Stopped as e:
+        code, message = 128 + e.signum, str(e)
+    finally:
+        RunControl.release()
+        # a progress bar left open would take the message onto its line
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    if message:
+        print(message, file=sys.stderr)
+    if dist.is_available() and dist.is_initialized() and code in (0, 130, 143):
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

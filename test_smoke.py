@@ -1,13 +1,14 @@
-"""CPU smoke and unit tests of the four scripts and knn.py on tiny data the tests generate themselves.
+"""CPU tests of the four scripts and knn.py, on tiny data the tests generate themselves.
 
-    python -m pytest -q test_smoke.py                    # a few minutes on 2 CPU cores; no GPU, no internet, no dataset
-    python -m pytest -q test_smoke.py --durations=10     # and the slowest tests
+    python -m pytest -q test_smoke.py -m "not e2e"      # the unit tests alone: about a minute on 2 CPU cores
+    python -m pytest -q test_smoke.py                   # everything: about 5 minutes; no GPU, internet or dataset
 
-End-to-end tests run the real script as a subprocess (cwd = a temporary directory) on a tiny
-ImageFolder of odd-sized RGB / grayscale png / jpg images; unit tests import the functions and
-compare them with independent references (NumPy float64, torchvision.transforms.v2.functional,
-Pillow, plain Python loops). Everything written goes to pytest's tmp_path. Runs that several tests
-need (a trained MMCR run, a fine-tuning, an EMP-SSL run, an interrupted run) are session fixtures.
+First the unit tests: they import the scripts' functions and compare them with independent references
+(NumPy float64, torchvision.transforms.v2.functional, Pillow, plain Python loops), in this process.
+Then the end-to-end tests, marked e2e: they run the scripts' command lines, as subprocesses (cwd = a
+temporary directory) or in this process through cli(), on a tiny ImageFolder of odd-sized RGB /
+grayscale png / jpg images. Everything written goes to pytest's tmp_path. Runs that several tests need
+(a trained MMCR run, a fine-tuning, an EMP-SSL run, a killed and resumed run) are session fixtures.
 
 The four scripts are copies by design: the code they share (augmentation, data loading, checkpoints,
 run control, error reporting) is tested once, with one script, and test_shared_definitions_are_identical
@@ -15,6 +16,7 @@ checks that every shared definition is the same text in all of them.
 """
 import ast
 import copy
+import dataclasses
 import datetime
 import difflib
 import hashlib
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -34,6 +37,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torchvision
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import v2
@@ -47,12 +51,18 @@ from knn import knn_accuracy, knn_scores  # noqa: E402
 from mmcr_pretrain import atomic_save, lr_at, mmcr_loss  # noqa: E402
 import mmcr_finetune as finetune  # noqa: E402
 import empssl_pretrain as empssl  # noqa: E402
+import empssl_linear as linear  # noqa: E402
+
+# -m "not e2e" selects the unit tests; the mark needs no registration file
+warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)
+e2e = pytest.mark.e2e
 
 MMCR = os.path.join(REPO, "mmcr_pretrain.py")
 FINETUNE = os.path.join(REPO, "mmcr_finetune.py")
 EMPSSL = os.path.join(REPO, "empssl_pretrain.py")
 LINEAR = os.path.join(REPO, "empssl_linear.py")
 SCRIPTS = (MMCR, FINETUNE, EMPSSL, LINEAR)
+MODULES = {MMCR: pretrain, FINETUNE: finetune, EMPSSL: empssl, LINEAR: linear}
 # The tiny job: 33 training images (11 per class) at batch 8 = 4 steps per epoch (one image dropped).
 # --device cpu: the same bit-exact CPU path on machines that do have a GPU.
 TINY = ["--num-views", "4", "--batch-size", "8", "--num-neighbours", "5", "--max-epochs", "2", "--device", "cpu"]
@@ -61,10 +71,11 @@ EMPSSL_TINY = ["--train-patches", "4", "--valid-patches", "4", "--batch-size", "
 FINETUNE_TINY = ["--batch-size", "8", "--max-epochs", "2", "--num-neighbours", "5", "--device", "cpu"]
 TRAIN_PER_CLASS, TEST_PER_CLASS, CLASSES = 11, 4, ("cat", "dog", "frog")
 STEPS_PER_EPOCH = 3 * TRAIN_PER_CLASS // 8
-# the metrics every line must have (more may come)
-METRIC_KEYS = {"epoch", "step", "loss", "lr", "knn_top1", "knn_top5", "epoch_seconds", "views_per_second"}
-FINETUNE_KEYS = {"epoch", "step", "train_loss", "lr", "test_loss", "top1", "top5", "epoch_seconds", "images_per_second"}
-LINEAR_KEYS = {"epoch", "train_loss", "lr", "test_loss", "top1", "top5"}
+# the metrics every line must have (more may come); an epoch without evaluation has no scores
+METRIC_KEYS = {"epoch", "step", "loss", "lr", "epoch_seconds", "views_per_second"}
+SCORE_KEYS = {"knn_top1", "knn_top5"}
+FINETUNE_KEYS = {"epoch", "step", "loss", "lr", "epoch_seconds", "images_per_second"}
+TEST_KEYS = {"top1", "top5", "test_loss"}
 # what every run folder holds at the end
 RUN_FILES = {"config.json", "metrics.jsonl", "last.pt", "best.pt"}
 # Our batched ops and torchvision compute the same float32 formulas in a different order (grid_sample
@@ -77,72 +88,29 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HTTP_PROXY="http://127.0.0.1:9", HTT
            http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", NO_PROXY="", no_proxy="")
 
 
-# ----------------------------------------------------------------------------- helpers and fixtures
+# ----------------------------------------------------------------------------- helpers
 
 
-def run_script(script, args, cwd, launcher=(), timeout=300):
-    """Run a script to its end: python [launcher...] script args (launcher: e.g. torch.distributed.run's flags)."""
-    return subprocess.run([sys.executable, *launcher, script, *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+def aug_of(module, size=32, norm=((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)), **changes):
+    """The `aug` dict that module's main() gives augment(): its AUGMENT with a size, a normalisation and changes."""
+    return dict(module.AUGMENT, size=size, norm=norm, **changes)
 
 
-def error_lines(stderr):
-    """Non-empty stderr lines, leaving out tqdm progress bars (they redraw with \\r)."""
-    return [line for line in re.split(r"[\r\n]+", stderr) if line.strip() and "%|" not in line]
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+AUG = aug_of(pretrain)
 
 
-def assert_one_error_line(proc, script, *phrases, code=2):
-    """The scripts' contract for bad input (code 2) and divergence (code 3): that exit code, no traceback, and
-    exactly one stderr line '<script>.py: error: ...' that contains every phrase. Returns the line."""
-    lines = error_lines(proc.stderr)
-    assert proc.returncode == code, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    glued = [line for line in re.split(r"[\r\n]+", proc.stderr) if "%|" in line and ": error: " in line]
-    assert not glued, f"the error is printed on a progress bar's line, not on a line of its own: {glued[0]!r}"
-    assert len(lines) == 1 and lines[0].startswith(f"{os.path.basename(script)}: error: "), repr(proc.stderr[-2000:])
-    for phrase in phrases:
-        assert phrase in lines[0], (phrase, lines[0])
-    return lines[0]
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def metrics_lines(path):
-    try:
-        with open(path) as f:
-            return f.read().count("\n")
-    except FileNotFoundError:
-        return 0
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def file_hashes(folder):
-    """{relative path: sha256} of every file under folder."""
-    hashes = {}
-    for dirpath, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                hashes[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return hashes
-
-
-def assert_same_weights(final, reference, optimizer_keys=()):
-    """Bit-identical model tensors and, for each name in optimizer_keys, optimizer state tensors."""
-    assert final["model"].keys() == reference["model"].keys()
-    for name, value in reference["model"].items():
-        assert torch.equal(final["model"][name], value), name
-    states, ref_states = final["optimizer"]["state"], reference["optimizer"]["state"]
-    assert states.keys() == ref_states.keys()
-    for key in optimizer_keys:
-        for i in ref_states:
-            assert torch.equal(states[i][key], ref_states[i][key]), (i, key)
+def natural_images(n, size=32, seed=0):
+    """uint8 images that look like photographs to a blur: smooth shading, a few sharp-edged shapes, a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode="bicubic",
+                                             align_corners=False)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n):
+        for _ in range(3):
+            cy, cx, r = (torch.randint(0, size, (3,), generator=g) // torch.tensor([1, 1, 3])).tolist()
+            coarse[i][:, (yy - cy) ** 2 + (xx - cx) ** 2 < (r + 2) ** 2] = torch.rand(3, 1, generator=g)
+    return ((coarse + 0.03 * torch.randn(coarse.shape, generator=g)).clamp(0, 1) * 255).round().byte()
 
 
 def make_image_folder(root, train_per_class, test_per_class, seed=0):
@@ -168,116 +136,18 @@ def make_image_folder(root, train_per_class, test_per_class, seed=0):
     return str(root)
 
 
-def wait_for(predicate, proc, log=None, timeout=300):
-    """Poll predicate() until it holds; fail if proc exits first (showing the end of the log file) or on timeout."""
-    deadline = time.time() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            tail = open(log).read()[-3000:] if log else ""
-            raise AssertionError(f"exited early with {proc.returncode}: {tail}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.02)
+def error_lines(stderr):
+    """Non-empty stderr lines, leaving out tqdm progress bars (they redraw with \\r)."""
+    return [line for line in re.split(r"[\r\n]+", stderr) if line.strip() and "%|" not in line]
 
 
-def interrupt(script, args, cwd, when, sig=signal.SIGTERM):
-    """Start `script args`, send sig once when() holds, wait for the end. Checks the stop: SIGINT / SIGTERM exit with
-    128 + signal and one stderr line naming last.pt and --resume auto; SIGKILL really killed it. Returns its stderr."""
-    log = os.path.join(cwd, f"interrupted-{int(sig)}.log")
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, script, *map(str, args)], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=f, text=True)
-        try:
-            wait_for(when, proc, log)
-            proc.send_signal(sig)
-            proc.wait(timeout=300)
-        finally:
-            proc.kill()
-            proc.wait()
-    stderr = open(log).read()
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    if sig == signal.SIGKILL:
-        # killed, not finished
-        assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
-    else:
-        assert proc.returncode == 128 + sig, stderr[-3000:]
-        lines = error_lines(stderr)
-        assert len(lines) == 1 and lines[0].startswith("interrupted: saved") and "last.pt" in lines[0], lines
-        assert "--resume auto" in lines[0]
-    return stderr
-
-
-def interrupt_and_resume(script, args, out, cwd, when, sig=signal.SIGTERM):
-    """Run `script args --output-dir out --resume auto`, interrupt it with sig once when() holds, then run the same
-    command again to its end. Returns (the last.pt the interrupted run left, the resumed run's CompletedProcess)."""
-    args = [*args, "--output-dir", out, "--resume", "auto"]
-    interrupt(script, args, cwd, when, sig)
-    saved = load(os.path.join(out, "last.pt"))
-    # metrics.jsonl has a line for each epoch that ended before the saved step, and no more
-    steps_per_epoch = json.load(open(os.path.join(out, "config.json")))["steps_per_epoch"]
-    assert metrics_lines(os.path.join(out, "metrics.jsonl")) == saved["step"] // steps_per_epoch
-    resumed = run_script(script, args, cwd)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {os.path.join(out, 'last.pt')} at step {saved['step']}" in resumed.stdout
-    return saved, resumed
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imagefolder"), TRAIN_PER_CLASS, TEST_PER_CLASS)
-
-
-@pytest.fixture(scope="session")
-def trained_run(image_folder, tmp_path_factory):
-    """One uninterrupted 2-epoch, 4-view MMCR run: (process, run folder, data dir); the reference of the resume tests
-    and the pretrained checkpoint of the fine-tuning tests. Tests that change its folder work on a copy."""
-    tmp = tmp_path_factory.mktemp("trained")
-    out = tmp / "run"
-    proc = run_script(MMCR, ["--dataset", image_folder, "--data-dir", tmp / "data", "--output-dir", out, *TINY],
-                      cwd=tmp)
-    return proc, str(out), str(tmp / "data")
-
-
-def finetune_args(trained_run, finetune_type, data_dir=None):
-    _, pretrained, pretrained_data = trained_run
-    return ["--checkpoint", os.path.join(pretrained, "best.pt"), "--data-dir", data_dir or pretrained_data,
-            "--finetune-type", finetune_type, *FINETUNE_TINY]
-
-
-@pytest.fixture(scope="session")
-def finetune_run(trained_run, tmp_path_factory):
-    """A 2-epoch backbone+linear fine-tuning of the trained run's best.pt: (process, run folder)."""
-    tmp = tmp_path_factory.mktemp("finetune")
-    out = tmp / "ft"
-    return (run_script(FINETUNE, [*finetune_args(trained_run, "backbone+linear"), "--output-dir", out], cwd=tmp),
-            str(out))
-
-
-def empssl_args(image_folder, data_dir):
-    return ["--dataset", image_folder, "--data-dir", data_dir, *EMPSSL_TINY]
-
-
-@pytest.fixture(scope="session")
-def empssl_run(image_folder, tmp_path_factory):
-    """A tiny EMP-SSL run (2 epochs, 4 patches, 64-d embedding): (process, run folder, data dir)."""
-    tmp = tmp_path_factory.mktemp("empssl")
-    out = tmp / "run"
-    proc = run_script(EMPSSL, [*empssl_args(image_folder, tmp / "data"), "--output-dir", out], cwd=tmp)
-    return proc, str(out), str(tmp / "data")
-
-
-def natural_images(n, size=32, seed=0):
-    """uint8 images that look like photographs to a blur: smooth shading, a few sharp-edged shapes, a little noise."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode="bicubic",
-                                             align_corners=False)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    for i in range(n):
-        for _ in range(3):
-            cy, cx, r = (torch.randint(0, size, (3,), generator=g) // torch.tensor([1, 1, 3])).tolist()
-            coarse[i][:, (yy - cy) ** 2 + (xx - cx) ** 2 < (r + 2) ** 2] = torch.rand(3, 1, generator=g)
-    return ((coarse + 0.03 * torch.randn(coarse.shape, generator=g)).clamp(0, 1) * 255).round().byte()
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -382,22 +252,18 @@ def test_sample_crops_fallback_matches_torchvision(height, width):
         assert tuple(int(t[k]) for t in got) == tuple(expected)
 
 
-AUG = pretrain.AUGMENT
-MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-
-
 @pytest.mark.parametrize("size", [32, 24])
 def test_augment_output(size):
     images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = pretrain.augment(images, torch.Generator().manual_seed(1), MEAN, STD, size, **AUG)
+    out = pretrain.augment(images, torch.Generator().manual_seed(1), aug_of(pretrain, size))
     assert out.shape == (12, 3, size, size) and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(out).all()
     pixels = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     # seeded
-    assert torch.equal(out, pretrain.augment(images, torch.Generator().manual_seed(1), MEAN, STD, size, **AUG))
-    assert not torch.allclose(out, pretrain.augment(images, torch.Generator().manual_seed(2), MEAN, STD, size, **AUG))
+    assert torch.equal(out, pretrain.augment(images, torch.Generator().manual_seed(1), aug_of(pretrain, size)))
+    assert not torch.allclose(out, pretrain.augment(images, torch.Generator().manual_seed(2), aug_of(pretrain, size)))
     # the views of one image differ
     assert not torch.allclose(out[0], out[1])
 
@@ -408,8 +274,8 @@ def test_augment_compiled_matches_eager():
     """--compile runs augment_views through torch.compile: the same views as eager from the same draws (EMP-SSL's
     recipe, whose PIL blur adds the convolutions to MMCR's ops; one graph, no break)."""
     images = natural_images(8).repeat_interleave(4, 0)
-    eager = empssl.augment(images, torch.Generator().manual_seed(0), MEAN, STD, 32, **empssl.AUGMENT)
-    fused = empssl.augment(images, torch.Generator().manual_seed(0), MEAN, STD, 32, compile=True, **empssl.AUGMENT)
+    eager = empssl.augment(images, torch.Generator().manual_seed(0), aug_of(empssl))
+    fused = empssl.augment(images, torch.Generator().manual_seed(0), aug_of(empssl, compile=True))
     # a pixel that lands on the solarize threshold may be inverted in one and not the other (float rounding); no
     # other difference is allowed
     pixels = eager * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
@@ -456,17 +322,17 @@ def test_draws_hand_out_each_number_once_and_say_when_they_run_out():
     # the recipes' ops take no more numbers than augment() draws
     for module in (pretrain, empssl):
         module.augment_views(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.rand(2, module.DRAWS),
-                             torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), 8, module.AUGMENT)
+                             torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), aug_of(module, 8))
 
 
 @pytest.mark.parametrize("p_jitter", [0.0, 1.0])
 def test_augment_identity_settings(p_jitter):
     """Full-image crops, zero jitter, no grey / blur / solarize: every view is the normalised image or its mirror."""
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = pretrain.augment(images, torch.Generator().manual_seed(0), MEAN, STD, 32, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                           jitter=(0.0, 0.0, 0.0, 0.0), p_jitter=p_jitter, p_gray=0.0, p_blur=0.0,
-                           blur=pretrain.gaussian_blur, p_solarize=0.0, solarize_threshold=0.5)
-    plain = pretrain.normalize(images, MEAN, STD)
+    identity = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), p_jitter=p_jitter, p_gray=0.0,
+                    p_blur=0.0, blur=pretrain.gaussian_blur, p_solarize=0.0, solarize_threshold=0.5)
+    out = pretrain.augment(images, torch.Generator().manual_seed(0), dict(identity, size=32, norm=(MEAN, STD)))
+    plain = pretrain.normalize(images, (MEAN, STD))
     flipped = [not torch.allclose(out[i], plain[i], atol=1e-5) for i in range(16)]
     for i in range(16):
         torch.testing.assert_close(out[i], plain[i].flip(-1) if flipped[i] else plain[i], rtol=0, atol=1e-5)
@@ -475,7 +341,7 @@ def test_augment_identity_settings(p_jitter):
 
 def test_augment_always_grey():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = pretrain.augment(images, torch.Generator().manual_seed(0), MEAN, STD, 32, **dict(AUG, p_gray=1.0))
+    out = pretrain.augment(images, torch.Generator().manual_seed(0), dict(AUG, p_gray=1.0))
     pixels = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     torch.testing.assert_close(pixels[:, 0], pixels[:, 1], rtol=0, atol=1e-5)
     torch.testing.assert_close(pixels[:, 0], pixels[:, 2], rtol=0, atol=1e-5)
@@ -518,13 +384,12 @@ def test_pil_blur_matches_pillow(sigma):
 @pytest.mark.parametrize("module", [pretrain, empssl])
 def test_augment_probabilities(module):
     """4,096 views of one colourful image: the fractions of grey and of solarized views are the recipe's p."""
-    n, aug = 4096, module.AUGMENT
+    n, aug = 4096, aug_of(module, norm=((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     image = natural_images(1, seed=2).expand(n, -1, -1, -1)
-    zero, one = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    views = module.augment(image, torch.Generator().manual_seed(0), zero, one, 32, **aug)
+    views = module.augment(image, torch.Generator().manual_seed(0), aug)
     grey = (views[:, 0] == views[:, 1]).flatten(1).all(1) & (views[:, 0] == views[:, 2]).flatten(1).all(1)
     # the same draws with a threshold no pixel reaches: the views that differ are exactly the solarized ones
-    plain = module.augment(image, torch.Generator().manual_seed(0), zero, one, 32, **dict(aug, solarize_threshold=2.0))
+    plain = module.augment(image, torch.Generator().manual_seed(0), dict(aug, solarize_threshold=2.0))
     solarized = (views != plain).flatten(1).any(1)
     for observed, p in ((grey.float().mean().item(), aug["p_gray"]),
                         (solarized.float().mean().item(), aug["p_solarize"])):
@@ -548,11 +413,11 @@ def test_reference_recipes():
     img = natural_images(1)[0]
     reference = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))])
-    torch.testing.assert_close(pretrain.normalize(img[None], *pretrain.CIFAR_STATS["cifar10"])[0],
+    torch.testing.assert_close(pretrain.normalize(img[None], pretrain.CIFAR_STATS["cifar10"])[0],
                                reference(TF.to_pil_image(img)))
     # --unscaled-inputs: the EMP-SSL reference's ToDtype without scale, then Normalize(0.5, 0.5)
     unscaled = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32), v2.Normalize((0.5,) * 3, (0.5,) * 3)])
-    torch.testing.assert_close(pretrain.normalize(img[None], (0.5 / 255,) * 3, (0.5 / 255,) * 3)[0],
+    torch.testing.assert_close(pretrain.normalize(img[None], ((0.5 / 255,) * 3, (0.5 / 255,) * 3))[0],
                                unscaled(TF.to_pil_image(img)), rtol=1e-5, atol=1e-3)
 
 
@@ -571,21 +436,20 @@ def test_normalization_choices():
 
 def test_finetune_ssl_views_are_the_pretraining_augmentation():
     images = natural_images(6)
-    ours = finetune.train_views(images, torch.Generator().manual_seed(3), MEAN, STD, "ssl")
-    assert torch.equal(ours, pretrain.augment(images, torch.Generator().manual_seed(3), MEAN, STD, 32,
-                                              **pretrain.AUGMENT))
+    ours = finetune.train_views(images, torch.Generator().manual_seed(3), aug_of(finetune), "ssl")
+    assert torch.equal(ours, pretrain.augment(images, torch.Generator().manual_seed(3), aug_of(pretrain)))
 
 
 def test_finetune_crop_flip_copies_pixels():
     """crop-flip = a 4-px zero-padded random crop + flip: every view is a shifted (mirrored) copy of the image."""
     images = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
-    views = finetune.train_views(images, gen, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "crop-flip") * 255
+    views = finetune.train_views(images, gen, aug_of(finetune, 12, ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))), "crop-flip")
+    views = views * 255
     padded = torch.nn.functional.pad(images.float(), (4, 4, 4, 4))
     for v, p in zip(views, padded):
         crops = [p[:, t:t + 12, s:s + 12] for t in range(9) for s in range(9)]
         assert any(torch.allclose(v, c, atol=1e-3) or torch.allclose(v, c.flip(-1), atol=1e-3) for c in crops)
-
 
 # ----------------------------------------------------------------------------- losses and optimizer
 
@@ -652,7 +516,7 @@ def test_empssl_loss_path_is_float32_under_bf16_autocast():
     """Under bf16 autocast the projector and the loss still compute in float32 (the reference's fp16 keeps 11 bits of
     mantissa where bf16 keeps 8): the gradients of the projector's weights equal float64's for the same embedding h."""
     torch.manual_seed(0)
-    model, n, patches = empssl.EMPSSLModel(64, 32), 8, 4
+    model, n, patches = empssl.EMPSSLModel(16, 64, 32), 8, 4
     views = torch.randn(n * patches, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h, z = model(views)
@@ -840,121 +704,51 @@ def test_a_broken_image_folder_cache_heals_itself(image_folder, tmp_path, capsys
     assert (torch.equal(healed["images"], images) and torch.equal(healed["labels"], labels)
             and healed["classes"] == classes)
 
-
-# ----------------------------------------------------------------------------- mmcr_pretrain.py end to end
-
-
-def test_end_to_end(trained_run):
-    proc, out, data_dir = trained_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    files = set(os.listdir(out))
-    assert RUN_FILES | {"views.png"} <= files and not [f for f in files if f.endswith(".tmp")]
-    # decoded ImageFolder cached under --data-dir
-    assert os.listdir(os.path.join(data_dir, "cache"))
-    # 8 rows (the first images of the batch), each the image and its 4 views, 32 px with 1 px between
-    assert Image.open(os.path.join(out, "views.png")).size == (5 * 33 + 1, 8 * 33 + 1)
-    config = json.load(open(os.path.join(out, "config.json")))
-    assert ((config["num_train"], config["num_test"], config["num_classes"], config["world_size"])
-            == (3 * TRAIN_PER_CLASS, 3 * TEST_PER_CLASS, 3, 1))
-    assert config["steps_per_epoch"] == STEPS_PER_EPOCH and config["num_views"] == 4
-    metrics = read_metrics(out)
-    assert len(metrics) == 2
-    total = 2 * STEPS_PER_EPOCH
-    for epoch, m in enumerate(metrics, 1):
-        assert METRIC_KEYS <= set(m), m
-        assert (m["epoch"], m["step"]) == (epoch, epoch * STEPS_PER_EPOCH)
-        # -||C||_* of 8 centroids of unit vectors
-        assert math.isfinite(m["loss"]) and -math.sqrt(8 * 8) <= m["loss"] < 0
-        assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, total, int(0.1 * total), 1e-3))
-        assert 0 <= m["knn_top1"] <= m["knn_top5"] <= 100 and m["epoch_seconds"] > 0 and m["views_per_second"] > 0
-    printed = re.findall(r"^epoch (\d+)/2 .*knn top1 ([\d.]+) top5 ([\d.]+)", proc.stdout, re.M)
-    assert [(int(e), float(a), float(b)) for e, a, b in printed] == [
-        (m["epoch"], pytest.approx(m["knn_top1"], abs=0.006), pytest.approx(m["knn_top5"], abs=0.006)) for m in metrics]
-    assert re.search(r"^done: .*best knn top1 [\d.]+ top5 [\d.]+ \(epoch [12]\)", proc.stdout, re.M)
-    last, best = load(os.path.join(out, "last.pt")), load(os.path.join(out, "best.pt"))
-    assert last["script"] == "mmcr_pretrain" and last["step"] == total and last["epoch"] == 2
-    assert best["best"]["knn_top1"] == max(m["knn_top1"] for m in metrics)
-    assert best["step"] == best["best"]["epoch"] * STEPS_PER_EPOCH
-    model = pretrain.MMCRModel(128)
-    # strict: the checkpoint is the whole model
-    model.load_state_dict(last["model"])
-    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+# ----------------------------------------------------------------------------- model
 
 
-# ----------------------------------------------------------------------------- mmcr_finetune.py end to end
+def torchvision_cifar_resnet18():
+    """torchvision's ResNet18 with the CIFAR stem (3x3 stride-1, no max-pool) and no fc: what the references train."""
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool, net.fc = torch.nn.Identity(), torch.nn.Identity()
+    return net
 
 
-def backbone_of(state):
-    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+def test_resnet18_is_torchvisions():
+    """Our ResNet18 at width 64 has torchvision's parameter names and shapes, computes the same function with the
+    same weights (train and eval mode), and starts from the same initialisation (Kaiming normal, fan out)."""
+    torch.manual_seed(0)
+    ours, theirs = pretrain.ResNet18(64), torchvision_cifar_resnet18()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    for name, p in ours.named_parameters():
+        q = dict(theirs.named_parameters())[name]
+        if p.ndim == 4:
+            # 1.5% is about 5 standard errors of the smallest layer's std estimate
+            assert abs(p.std().item() / q.std().item() - 1) < 0.015 * max(1.0, (1728 / p.numel()) ** 0.5), name
+        else:
+            assert torch.equal(p, q), name
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    for mode in (True, False):
+        torch.testing.assert_close(ours.train(mode)(x), theirs.train(mode)(x), rtol=1e-5, atol=1e-5)
+    assert ours.feature_dim == 512
 
 
-@pytest.mark.parametrize("finetune_type", ["linear", "backbone+linear"])
-def test_finetune_end_to_end(trained_run, finetune_run, tmp_path, finetune_type):
-    _, pretrained, pretrained_data = trained_run
-    if finetune_type == "backbone+linear":
-        proc, out = finetune_run
-    else:
-        # and a broken ImageFolder cache (both splits' files truncated) only costs a decoding, with a warning each
-        shutil.copytree(os.path.join(pretrained_data, "cache"), tmp_path / "data" / "cache")
-        caches = sorted((tmp_path / "data" / "cache").iterdir())
-        for cache in caches:
-            cache.write_bytes(cache.read_bytes()[:cache.stat().st_size // 2])
-        out = tmp_path / "ft"
-        proc = run_script(FINETUNE, [*finetune_args(trained_run, "linear", tmp_path / "data"), "--output-dir", out],
-                          cwd=tmp_path)
-        warned = [line for line in error_lines(proc.stderr) if line.startswith("warning:")]
-        assert (len(caches) == 2 and len(warned) == 2
-                and all(str(c) in " ".join(warned) for c in caches)), proc.stderr[-3000:]
-        # rewritten whole
-        assert all(load(c)["images"].dtype == torch.uint8 for c in caches)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert re.search(r"^loaded backbone .*knn top1 [\d.]+ top5 [\d.]+", proc.stdout, re.M)
-    metrics = read_metrics(out)
-    assert [m["epoch"] for m in metrics] == [1, 2] and all(FINETUNE_KEYS <= set(m) for m in metrics)
-    assert all(math.isfinite(m["train_loss"]) and 0 <= m["top1"] <= m["top5"] <= 100 for m in metrics)
-    assert re.search(r"^done: .*best top1 [\d.]+ top5 [\d.]+", proc.stdout, re.M)
-    before, after = (backbone_of(load(os.path.join(pretrained, "best.pt"))["model"]),
-                     backbone_of(load(os.path.join(out, "last.pt"))["model"]))
-    assert before.keys() == after.keys()
-    same = {k: torch.equal(before[k], after[k]) for k in before}
-    statistics = {k for k in before if "running_" in k or "num_batches" in k}
-    # weights untouched; --frozen-bn train (default): BatchNorm statistics re-estimated
-    if finetune_type == "linear":
-        assert all(same[k] for k in before if k not in statistics) and not all(same[k] for k in statistics)
-    else:
-        assert not all(same.values())
-    assert load(os.path.join(out, "last.pt"))["script"] == "mmcr_finetune"
-
-
-def test_finetune_linear_probe_learns(trained_run, image_folder, tmp_path):
-    """33 points in a 512-d feature space are linearly separable whatever their labels: with test = train,
-    a linear probe that really trains reaches 100% (on cached features, --augment none)."""
-    _, pretrained, _ = trained_run
-    root = tmp_path / "same"
-    shutil.copytree(os.path.join(image_folder, "train"), root / "train")
-    shutil.copytree(os.path.join(image_folder, "train"), root / "test")
-    out = tmp_path / "ft"
-    proc = run_script(FINETUNE, ["--checkpoint", os.path.join(pretrained, "best.pt"), "--dataset", root,
-                                 "--data-dir", tmp_path / "data", "--output-dir", out, "--augment", "none",
-                                 "--frozen-bn", "eval", "--batch-size", 8, "--max-epochs", 60, "--learning-rate", 0.05,
-                                 "--warmup-duration", 0, "--eval-every", 10, "--num-neighbours", 5,
-                                 "--device", "cpu"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "cached features" in proc.stdout
-    metrics = read_metrics(out)
-    # --eval-every 10
-    assert metrics[0]["top1"] is None and metrics[9]["top1"] is not None
-    assert metrics[-1]["top1"] == 100.0
-    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] / 3
+def test_width_widens_every_stage_and_the_architecture_says_so():
+    model = pretrain.MMCRModel(96, 32)
+    assert model.backbone(torch.randn(2, 3, 32, 32)).shape == (2, 768)
+    assert model.architecture == {"backbone": "ResNet18", "width": 96, "feature_dim": 768, "projection_dim": 32}
+    assert model.projector[0].in_features == 768
+    assert empssl.EMPSSLModel(80, 64, 16).pre_feature[0].in_features == 640
+    assert finetune.Classifier(96, 10, frozen=True).fc.in_features == 768
 
 
 @pytest.mark.parametrize("frozen_bn", ["train", "eval"])
 def test_frozen_backbone_batchnorm(frozen_bn):
     """--frozen-bn train: the frozen backbone re-estimates its BatchNorm statistics while the probe trains (the
     reference); eval: they stay those of pretraining. The weights never change, and the test pass is in eval mode."""
-    model = finetune.Classifier(10, frozen=True, frozen_bn=frozen_bn)
+    model = finetune.Classifier(16, 10, frozen=True, frozen_bn=frozen_bn)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     model(torch.randn(8, 3, 32, 32) + 3)
@@ -967,75 +761,66 @@ def test_frozen_backbone_batchnorm(frozen_bn):
     assert not model.backbone.training
 
 
-# ---------------------------------------------------------------- empssl_pretrain.py and empssl_linear.py end to end
+
+# ----------------------------------------------------------------------------- flags, run folders, files
 
 
-def test_empssl_end_to_end_then_linear(empssl_run, tmp_path):
-    proc, out, _ = empssl_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert re.search(r"knn top1 [\d.]+ top5 [\d.]+", proc.stdout)
-    assert RUN_FILES | {"views.png", "embeddings"} <= set(os.listdir(out))
-    for split, n in (("train", 3 * TRAIN_PER_CLASS), ("test", 3 * TEST_PER_CLASS)):
-        d = load(os.path.join(out, "embeddings", f"{split}.pt"))
-        assert {"embeddings", "labels", "dim", "patches", "checkpoint", "dataset", "classes"} <= set(d)
-        assert d["embeddings"].shape == (n, 64) and d["embeddings"].dtype == torch.float16 and d["dim"] == 64
-        assert d["labels"].shape == (n,) and d["labels"].dtype == torch.int64 and d["patches"] == 4
-        assert torch.isfinite(d["embeddings"].float()).all()
-    metrics = read_metrics(out)
-    assert all(METRIC_KEYS <= set(m) for m in metrics)
-    # --eval-every 0: evaluated after the last epoch only
-    assert [m["knn_top1"] is None for m in metrics] == [True, False]
-    # 8 images x (image + 4 patches)
-    assert Image.open(os.path.join(out, "views.png")).size == (5 * 33 + 1, 8 * 33 + 1)
-    lin = run_script(LINEAR, ["--dataset", os.path.join(out, "embeddings"), "--output-dir", tmp_path / "lin",
-                              "--max-epochs", 3, "--batch-size", 8, "--num-neighbours", 5, "--device", "cpu"],
-                     cwd=tmp_path)
-    assert lin.returncode == 0, lin.stderr[-3000:]
-    assert [m["epoch"] for m in read_metrics(tmp_path / "lin")] == [1, 2, 3]
+def test_help_shows_defaults_as_written(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1/255)" in text and "0.0039" not in text
+    assert "(default: 1e-06)" in text and "(default: 0.1)" in text and "(default: 'auto')" not in text
+    assert pretrain.readable(128 / 255) == "128/255" and pretrain.readable(0.3) == "0.3"
+    assert pretrain.readable(30.0) == "30" and pretrain.readable("") == "''"
 
 
-def write_embeddings(folder, xtr, ytr, xte, yte, classes, **override):
-    os.makedirs(folder, exist_ok=True)
-    for name, x, y in (("train", xtr, ytr), ("test", xte, yte)):
-        d = {"embeddings": x.half(), "labels": y, "dim": x.shape[1], "patches": 4, "classes": classes,
-             "checkpoint": "-", "dataset": "-"}
-        d.update(override.get(name, {}))
-        torch.save(d, os.path.join(folder, f"{name}.pt"))
-    return str(folder)
+def test_parse_config_knows_which_flags_were_given():
+    cfg, given = pretrain.parse_config(["--batch-size", "8", "--no-compile", "--dataset", "x"])
+    assert cfg.batch_size == 8 and cfg.dataset == "x" and cfg.compile is False and cfg.num_views == 16
+    assert given == {"batch_size", "compile", "dataset"}
 
 
-def separated(n, classes, dim, seed):
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(classes, dim, generator=torch.Generator().manual_seed(0)) * 3
-    y = torch.arange(n) % classes
-    return means[y] + torch.randn(n, dim, generator=g), y
+def test_adopt_recipe_takes_the_checkpoints_flags_and_refuses_other_values():
+    """A resume continues the run's recipe: flags left out come from the checkpoint, the flags of RESUME_MAY_CHANGE
+    may differ (and are recorded), any other one that differs is one error listing all of them."""
+    saved = dataclasses.asdict(pretrain.Config(batch_size=8, num_views=4, max_epochs=2, dataset="/data/x"))
+    cfg, given = pretrain.parse_config(["--resume", "auto", "--output-dir", "r", "--max-epochs", "3",
+                                        "--batch-size", "8"])
+    changed = pretrain.adopt_recipe(cfg, given, {"config": saved}, "r/last.pt")
+    assert (cfg.num_views, cfg.dataset, cfg.max_epochs, cfg.output_dir) == (4, "/data/x", 3, "r")
+    assert changed == {"max_epochs": [2, 3]}
+    cfg, given = pretrain.parse_config(["--resume", "auto", "--output-dir", "r", "--batch-size", "16", "--num-views",
+                                        "8", "--max-epochs", "3"])
+    with pytest.raises(pretrain.UserError, match=r"--batch-size 16 \(the run's: 8\), --num-views 8 \(the run's: 4\)"):
+        pretrain.adopt_recipe(cfg, given, {"config": saved}, "r/last.pt")
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_linear_probe_learns_from_data_not_label_order(tmp_path, shuffle):
-    classes = [f"c{i}" for i in range(10)]
-    (xtr, ytr), (xte, yte) = separated(600, 10, 32, 1), separated(300, 10, 32, 2)
-    # labels no longer tied to the data: test accuracy must fall to chance
-    if shuffle:
-        ytr = ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(5))]
-    folder = write_embeddings(tmp_path / "emb", xtr, ytr, xte, yte, classes)
-    out = tmp_path / "lin"
-    proc = run_script(LINEAR, ["--dataset", folder, "--output-dir", out, "--max-epochs", 5, "--device", "cpu",
-                               "--num-neighbours", 20], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = read_metrics(out)
-    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5]
-    assert all(LINEAR_KEYS <= set(m) for m in metrics)
-    assert re.search(r"^done: .*best top1 [\d.]+ top5 [\d.]+", proc.stdout, re.M)
-    if shuffle:
-        assert metrics[-1]["top1"] < 25
-    else:
-        assert metrics[-1]["top1"] > 95
-    assert load(out / "best.pt")["model"]["weight"].shape == (10, 32)
+def test_atomic_write_and_metrics_leave_no_half_file(tmp_path, monkeypatch):
+    """A failing append (a full disk) is cut off again: metrics.jsonl keeps its whole lines and nothing else."""
+    pretrain.append_metrics(str(tmp_path), {"epoch": 1})
+    real_write = os.write
+
+    def half_write(fd, data):
+        real_write(fd, data[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_write)
+    with pytest.raises(pretrain.UserError, match=r"metrics\.jsonl \(No space left on device"):
+        pretrain.append_metrics(str(tmp_path), {"epoch": 2})
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
 
 
-# ------------------------------------------------------- run folders: no overwrite, interrupt and resume, divergence
+def test_an_unwritable_cache_only_warns(image_folder, tmp_path, capsys, monkeypatch):
+    """The decoded-image cache is optional: when --data-dir cannot take it, one warning and the images anyway."""
+    monkeypatch.setattr(pretrain, "_cache_warned", [])
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    cache = str(tmp_path / "cache")
+    images, labels, classes = pretrain.load_image_folder(os.path.join(image_folder, "test"), 32, cache)
+    assert images.shape == (3 * TEST_PER_CLASS, 3, 32, 32) and classes == list(CLASSES)
+    warned = [line for line in error_lines(capsys.readouterr().err) if line.startswith("warning:")]
+    assert len(warned) == 1 and "cache" in warned[0]
 
 
 def test_atomic_save_survives_a_failing_save(tmp_path, monkeypatch):
@@ -1056,11 +841,14 @@ def test_atomic_save_survives_a_failing_save(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="disk full"):
+    # one line: which file, the reason, what is kept
+    written = r"cannot write .*last\.pt \(disk full.*previous last\.pt is unchanged"
+    with pytest.raises(pretrain.UserError, match=written):
         atomic_save({"step": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.undo()
-    # written elsewhere first
+    # written elsewhere first, and that half-written file is gone
     assert targets and os.path.abspath(targets[0]) != os.path.abspath(path)
+    assert os.listdir(tmp_path) == ["last.pt"]
     assert open(path, "rb").read() == before
     d = load(path)
     assert d["step"] == 1 and torch.equal(d["w"], torch.arange(10.0))
@@ -1069,174 +857,63 @@ def test_atomic_save_survives_a_failing_save(tmp_path, monkeypatch):
     assert load(path)["step"] == 3
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
-def test_a_run_folder_is_never_overwritten(script, trained_run, image_folder, tmp_path):
-    """Without --resume, an --output-dir that holds a run is refused with one line that names it and the way to
-    continue it, and every file in it stays byte for byte as it was. mmcr_pretrain.py: a copy of a finished run and
-    the command that made it; the others: the files a run starts with, and a --dataset / --checkpoint that does not
-    exist (so the check comes before any data is loaded)."""
-    run, missing = tmp_path / "run", tmp_path / "nothing_here"
-    if script == MMCR:
-        proc, finished, data_dir = trained_run
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        shutil.copytree(finished, run)
-        args = ["--dataset", image_folder, "--data-dir", data_dir, *TINY]
-    else:
-        run.mkdir()
-        (run / "config.json").write_text('{"seed": 1}\n')
-        (run / "metrics.jsonl").write_text('{"epoch": 1, "step": 4}\n')
-        (run / "last.pt").write_bytes(b"not even a checkpoint")
-        args = {FINETUNE: ["--checkpoint", missing, "--data-dir", tmp_path / "data", *FINETUNE_TINY],
-                EMPSSL: ["--dataset", missing, "--data-dir", tmp_path / "data", *EMPSSL_TINY],
-                LINEAR: ["--dataset", missing, "--device", "cpu"]}[script]
-    before = file_hashes(run)
-    proc = run_script(script, [*args, "--output-dir", run], cwd=tmp_path)
-    assert_one_error_line(proc, script, str(run), "--resume auto")
-    assert file_hashes(run) == before
+# ----------------------------------------------------------------------------- shared code
+
+# top-level definitions that each script has its own version of
+MAY_DIFFER = {"Config", "main", "check_config", "evaluate", "AUGMENT"}
+MAIN_BLOCK = "if __name__ == '__main__'"
 
 
-@pytest.fixture(scope="session")
-def killed_run(trained_run, image_folder, tmp_path_factory):
-    """The trained run's command, with a timed last.pt at every log step (--checkpoint-minutes 0.0001 --log-every 1),
-    killed with SIGKILL after the first save inside epoch 2, then resumed with --resume auto to its end.
-    Returns (run folder, a copy of the last.pt the kill left, the resumed run's CompletedProcess)."""
-    _, _, data_dir = trained_run
-    tmp = tmp_path_factory.mktemp("killed")
-    out = tmp / "run"
-
-    # a last.pt written after epoch 1's metrics line
-    def saved_inside_epoch_2():
-        try:
-            newer = os.stat(out / "last.pt").st_mtime_ns > os.stat(out / "metrics.jsonl").st_mtime_ns
-            return newer and metrics_lines(out / "metrics.jsonl") == 1
-        except FileNotFoundError:
-            return False
-
-    args = ["--dataset", image_folder, "--data-dir", data_dir, *TINY, "--checkpoint-minutes", 0.0001, "--log-every", 1]
-    saved, resumed = interrupt_and_resume(MMCR, args, out, tmp, saved_inside_epoch_2, signal.SIGKILL)
-    atomic_save(saved, str(tmp / "killed.pt"))
-    return str(out), str(tmp / "killed.pt"), resumed
-
-
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(killed_run, trained_run):
-    """A hard kill loses only the steps since the last timed save, and the resumed run ends bit-identical to the
-    uninterrupted one (--log-every and --checkpoint-minutes do not change the maths)."""
-    out, killed, _ = killed_run
-    saved = load(killed)
-    # inside epoch 2: the augmentation RNG state must be restored
-    assert STEPS_PER_EPOCH < saved["step"] < 2 * STEPS_PER_EPOCH
-    final, reference = load(os.path.join(out, "last.pt")), load(os.path.join(trained_run[1], "last.pt"))
-    assert final["step"] == reference["step"] == 2 * STEPS_PER_EPOCH
-    assert_same_weights(final, reference, ("exp_avg", "exp_avg_sq"))
-    metrics, ref_metrics = read_metrics(out), read_metrics(trained_run[1])
-    assert [m["epoch"] for m in metrics] == [1, 2]
-    assert [m["knn_top1"] for m in metrics] == [m["knn_top1"] for m in ref_metrics]
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+def top_level_definitions(path):
+    """{name: [source text]} of a script's top-level def and class statements (with their decorators), assignments
+    to a single name, and its `if __name__ == '__main__'` block. Comments above a definition are not part of it."""
+    with open(path) as f:
+        source = f.read()
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = node.name
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name = node.target.id
+        elif isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'":
+            name = MAIN_BLOCK
+        else:
+            continue
+        decorators = ["@" + ast.get_source_segment(source, d) + "\n" for d in getattr(node, "decorator_list", [])]
+        found.setdefault(name, []).append("".join(decorators) + ast.get_source_segment(source, node))
+    return found
 
 
-def test_resume_from_an_older_checkpoint_keeps_each_epoch_once(killed_run, trained_run, image_folder, tmp_path):
-    """A finished 2-epoch run resumed from its mid-epoch-2 checkpoint: metrics.jsonl drops the lines after that step
-    and ends with epochs [1, 2], not [1, 2, 2]; the weights come out the same again."""
-    finished, killed, _ = killed_run
-    run = tmp_path / "run"
-    shutil.copytree(finished, run)
-    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
-    proc = run_script(MMCR, ["--dataset", image_folder, "--data-dir", trained_run[2], *TINY, "--output-dir", run,
-                             "--resume", killed], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {killed} at step {load(killed)['step']}" in proc.stdout
-    metrics = read_metrics(run)
-    assert [m["epoch"] for m in metrics] == [1, 2]
-    # the kept line is untouched
-    assert metrics[0] == read_metrics(finished)[0]
-    assert_same_weights(load(run / "last.pt"), load(os.path.join(trained_run[1], "last.pt")))
-
-
-def test_finetune_sigterm_then_resume_gives_the_uninterrupted_weights(trained_run, finetune_run, tmp_path):
-    reference_proc, reference = finetune_run
-    assert reference_proc.returncode == 0, reference_proc.stderr[-3000:]
-    out = tmp_path / "run"
-    saved, _ = interrupt_and_resume(FINETUNE, finetune_args(trained_run, "backbone+linear"), out, tmp_path,
-                                    lambda: metrics_lines(out / "metrics.jsonl") >= 1)
-    # stopped inside epoch 2
-    assert STEPS_PER_EPOCH < saved["step"] < 2 * STEPS_PER_EPOCH
-    assert_same_weights(load(out / "last.pt"), load(os.path.join(reference, "last.pt")), ("exp_avg", "exp_avg_sq"))
-    assert [m["top1"] for m in read_metrics(out)] == [m["top1"] for m in read_metrics(reference)]
-
-
-def test_empssl_sigterm_then_resume_gives_the_uninterrupted_weights(empssl_run, image_folder, tmp_path):
-    reference_proc, reference, data_dir = empssl_run
-    assert reference_proc.returncode == 0, reference_proc.stderr[-3000:]
-    out = tmp_path / "run"
-    saved, _ = interrupt_and_resume(EMPSSL, empssl_args(image_folder, data_dir), out, tmp_path,
-                                    lambda: metrics_lines(out / "metrics.jsonl") >= 1)
-    assert STEPS_PER_EPOCH < saved["step"] < 2 * STEPS_PER_EPOCH
-    # LARS state too
-    assert_same_weights(load(out / "last.pt"), load(os.path.join(reference, "last.pt")), ("momentum_buffer",))
-    emb, ref_emb = load(out / "embeddings" / "test.pt"), load(os.path.join(reference, "embeddings", "test.pt"))
-    assert torch.equal(emb["embeddings"], ref_emb["embeddings"])
-
-
-def test_ctrl_c_saves_and_exits_cleanly(image_folder, tmp_path):
-    out = tmp_path / "run"
-
-    # the handlers are installed right after config.json
-    def config_written_half_a_second_ago():
-        try:
-            written = json.load(open(out / "config.json"))["steps_per_epoch"] > 0
-            return written and time.time() - os.stat(out / "config.json").st_mtime > 0.5
-        except (FileNotFoundError, ValueError):
-            return False
-
-    # 50 epochs: however fast the machine, the run is still going when Ctrl-C arrives
-    interrupt(MMCR, ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir", out, *TINY,
-                     "--max-epochs", "50"], tmp_path, config_written_half_a_second_ago, signal.SIGINT)
-    saved = load(out / "last.pt")
-    assert 1 <= saved["step"] < 50 * STEPS_PER_EPOCH and saved["script"] == "mmcr_pretrain"
-    assert metrics_lines(out / "metrics.jsonl") <= saved["step"] // STEPS_PER_EPOCH
-    assert not os.path.exists(out / "last.pt.tmp")
-
-
-def test_resume_takes_the_command_lines_recipe(trained_run, image_folder, tmp_path):
-    """A resumed run follows its own flags: --max-epochs extends a finished run, --weight-decay replaces the saved
-    one."""
-    _, uninterrupted, data_dir = trained_run
-    os.makedirs(tmp_path / "run")
-    shutil.copy(os.path.join(uninterrupted, "last.pt"), tmp_path / "run" / "last.pt")
-    proc = run_script(MMCR, ["--dataset", image_folder, "--data-dir", data_dir, "--output-dir", tmp_path / "run",
-                             "--resume", "auto", *TINY, "--max-epochs", 3, "--weight-decay", 0.5], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = load(tmp_path / "run" / "last.pt")
-    assert last["step"] == 3 * STEPS_PER_EPOCH and [m["epoch"] for m in read_metrics(tmp_path / "run")] == [3]
-    assert [g["weight_decay"] for g in last["optimizer"]["param_groups"]] == [0.5]
-
-
-@pytest.mark.parametrize("script", [MMCR, EMPSSL], ids=os.path.basename)
-def test_a_diverged_run_stops_with_exit_3_and_keeps_its_checkpoints(script, trained_run, empssl_run, image_folder,
-                                                                    tmp_path):
-    """A NaN weight in last.pt, resumed: the run stops at its first log step with exit code 3 and one line saying it
-    diverged, and last.pt / best.pt stay as they were. (On the CPU MMCR's SVD would raise on the NaN; the script
-    turns that into the same stop.)"""
-    if script == MMCR:
-        proc, finished, data_dir = trained_run
-        args = ["--dataset", image_folder, "--data-dir", data_dir, *TINY]
-    else:
-        proc, finished, data_dir = empssl_run
-        args = empssl_args(image_folder, data_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "run"
-    shutil.copytree(finished, run)
-    ckpt = load(run / "last.pt")
-    # a parameter, not a buffer
-    ckpt["model"]["backbone.conv1.weight"][0, 0, 0, 0] = math.nan
-    torch.save(ckpt, run / "last.pt")
-    before = file_hashes(run)
-    proc = run_script(script, [*args, "--output-dir", run, "--resume", "auto", "--max-epochs", 3, "--log-every", 1],
-                      cwd=tmp_path)
-    assert_one_error_line(proc, script, "diverged", code=3)
-    after = file_hashes(run)
-    assert {f: after.get(f) for f in ("last.pt", "best.pt")} == {f: before[f] for f in ("last.pt", "best.pt")}
-    assert not [f for f in after if f.endswith(".tmp")]
+def test_shared_definitions_are_identical():
+    """The scripts are copies by design: every top-level definition found in two or more of them must be the same
+    text everywhere (an edit to a shared block goes into every copy), except those in MAY_DIFFER."""
+    definitions = {os.path.basename(s): top_level_definitions(s) for s in SCRIPTS}
+    shared = {}
+    for script, defs in definitions.items():
+        for name, text in defs.items():
+            shared.setdefault(name, {})[script] = text
+    shared = {name: texts for name, texts in shared.items() if len(texts) > 1}
+    # the test sees the shared blocks (a parser that found nothing would pass vacuously)
+    assert {"load_image_folder", "augment", "load_dataset", "RunControl", "claim_output_dir", "Gather", "Data",
+            MAIN_BLOCK} <= set(shared)
+    assert MAY_DIFFER <= set(shared), (
+        f"no longer defined in two scripts: {sorted(MAY_DIFFER - set(shared))}: drop from MAY_DIFFER")
+    problems = []
+    for name, texts in sorted(shared.items()):
+        if name in MAY_DIFFER:
+            continue
+        versions = {}
+        for script, text in texts.items():
+            versions.setdefault("\n\n".join(text), []).append(script)
+        if len(versions) > 1:
+            (a, a_scripts), (b, b_scripts) = list(versions.items())[:2]
+            diff = difflib.unified_diff(a.splitlines(), b.splitlines(), a_scripts[0], b_scripts[0], lineterm="", n=1)
+            problems.append(f"{name} differs between " + " / ".join(", ".join(s) for s in versions.values()) + ":\n"
+                            + "\n".join(list(diff)[:30]))
+    if problems:
+        pytest.fail("shared definitions that are not the same code:\n\n" + "\n\n".join(problems), pytrace=False)
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -1336,20 +1013,695 @@ def test_gather_rows_puts_every_row_back_in_order(ddp_results, n):
         assert torch.equal(ddp_results[rank][f"gather_rows {n}"][:, 0], torch.arange(n, dtype=torch.float32))
 
 
+# ============================================================================= end to end (marked e2e)
+# The scripts' command lines: as subprocesses, or in this process through cli() where a run ends before training.
+
+
+def run_script(script, args, cwd, launcher=(), timeout=300, **popen):
+    """Run a script to its end: python [launcher...] script args (launcher: e.g. torch.distributed.run's flags)."""
+    return subprocess.run([sys.executable, *launcher, script, *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout, **popen)
+
+
+def run_cli(script, args, capsys):
+    """The script's command line in this process, through its cli(): exit code, stdout and stderr, as run_script."""
+    capsys.readouterr()
+    code = MODULES[script].cli([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def assert_ok(proc):
+    """The process succeeded: exit code 0 and no traceback."""
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def assert_one_error_line(proc, script, *phrases, code=2):
+    """The scripts' contract for bad input (code 2) and divergence (code 3): that exit code, no traceback, and
+    exactly one stderr line '<script>.py: error: ...' that contains every phrase. Returns the line."""
+    lines = [line for line in error_lines(proc.stderr) if not line.startswith(("warning:", "note:"))]
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    glued = [line for line in re.split(r"[\r\n]+", proc.stderr) if "%|" in line and ": error: " in line]
+    assert not glued, f"the error is printed on a progress bar's line, not on a line of its own: {glued[0]!r}"
+    assert len(lines) == 1 and lines[0].startswith(f"{os.path.basename(script)}: error: "), repr(proc.stderr[-2000:])
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+    return lines[0]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def metrics_lines(path):
+    try:
+        with open(path) as f:
+            return f.read().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
+def file_hashes(folder):
+    """{relative path: sha256} of every file under folder."""
+    hashes = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                hashes[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+def assert_same_weights(final, reference, optimizer_keys=()):
+    """Bit-identical model tensors and, for each name in optimizer_keys, optimizer state tensors."""
+    assert final["model"].keys() == reference["model"].keys()
+    for name, value in reference["model"].items():
+        assert torch.equal(final["model"][name], value), name
+    states, ref_states = final["optimizer"]["state"], reference["optimizer"]["state"]
+    assert states.keys() == ref_states.keys()
+    for key in optimizer_keys:
+        for i in ref_states:
+            assert torch.equal(states[i][key], ref_states[i][key]), (i, key)
+
+
+def wait_for(predicate, proc, log=None, timeout=300):
+    """Poll predicate() until it holds; fail if proc exits first (showing the end of the log file) or on timeout."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            tail = open(log).read()[-3000:] if log else ""
+            raise AssertionError(f"exited early with {proc.returncode}: {tail}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def interrupt(script, args, cwd, when, sig=signal.SIGTERM, saved=True):
+    """Start `script args`, send sig once when(log text) holds, wait for the end. Checks the stop: SIGINT / SIGTERM exit
+    with 128 + signal and one stderr line, naming last.pt and --resume auto if saved, else that nothing was saved;
+    SIGKILL really killed it. Returns its stderr."""
+    log = os.path.join(cwd, f"interrupted-{int(sig)}.log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, script, *map(str, args)], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=f, text=True)
+        try:
+            wait_for(lambda: when(open(log).read()), proc, log)
+            proc.send_signal(sig)
+            proc.wait(timeout=300)
+        finally:
+            proc.kill()
+            proc.wait()
+    stderr = open(log).read()
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    if sig == signal.SIGKILL:
+        # killed, not finished
+        assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+        return stderr
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    lines = [line for line in error_lines(stderr) if not line.startswith("warning:")]
+    assert len(lines) == 1, lines
+    if saved:
+        assert lines[0].startswith("interrupted: saved") and "last.pt" in lines[0] and "--resume auto" in lines[0]
+    else:
+        assert lines[0].startswith("interrupted before the first save"), lines
+    return stderr
+
+
+def interrupt_and_resume(script, args, out, cwd, when, sig=signal.SIGTERM):
+    """Run `script args --output-dir out --resume auto`, interrupt it with sig once when() holds, then run the same
+    command again to its end. Returns (the last.pt the interrupted run left, the resumed run's CompletedProcess)."""
+    args = [*args, "--output-dir", out, "--resume", "auto"]
+    interrupt(script, args, cwd, lambda log: when(), sig)
+    saved = load(os.path.join(out, "last.pt"))
+    # metrics.jsonl has a line for each epoch that ended before the saved step, and no more
+    steps_per_epoch = json.load(open(os.path.join(out, "config.json")))["steps_per_epoch"]
+    assert metrics_lines(os.path.join(out, "metrics.jsonl")) == saved["step"] // steps_per_epoch
+    resumed = assert_ok(run_script(script, args, cwd))
+    assert f"resumed from {os.path.join(out, 'last.pt')} at step {saved['step']}" in resumed.stdout
+    return saved, resumed
+
+
+@pytest.fixture(scope="session")
+def trained_run(image_folder, tmp_path_factory):
+    """One uninterrupted 2-epoch, 4-view MMCR run: (process, run folder, data dir); the reference of the resume tests
+    and the pretrained checkpoint of the fine-tuning tests. Its --dataset is relative to its working directory (the
+    run records it as absolute). Tests that change its folder work on a copy."""
+    tmp = tmp_path_factory.mktemp("trained")
+    out = tmp / "run"
+    proc = run_script(MMCR, ["--dataset", os.path.relpath(image_folder, tmp), "--data-dir", tmp / "data",
+                             "--output-dir", out, *TINY], cwd=tmp)
+    return proc, str(out), str(tmp / "data")
+
+
+def finetune_args(trained_run, finetune_type, data_dir=None):
+    _, pretrained, pretrained_data = trained_run
+    return ["--checkpoint", os.path.join(pretrained, "best.pt"), "--data-dir", data_dir or pretrained_data,
+            "--finetune-type", finetune_type, *FINETUNE_TINY]
+
+
+@pytest.fixture(scope="session")
+def finetune_run(trained_run, tmp_path_factory):
+    """A 2-epoch backbone+linear fine-tuning of the trained run's best.pt, from another directory (the pretraining
+    run's dataset path must still be found): (process, run folder)."""
+    tmp = tmp_path_factory.mktemp("finetune")
+    out = tmp / "ft"
+    return (run_script(FINETUNE, [*finetune_args(trained_run, "backbone+linear"), "--output-dir", out], cwd=tmp),
+            str(out))
+
+
+def empssl_args(image_folder, data_dir):
+    return ["--dataset", image_folder, "--data-dir", data_dir, *EMPSSL_TINY]
+
+
+@pytest.fixture(scope="session")
+def empssl_run(image_folder, tmp_path_factory):
+    """A tiny EMP-SSL run (2 epochs, 4 patches, 64-d embedding): (process, run folder, data dir)."""
+    tmp = tmp_path_factory.mktemp("empssl")
+    out = tmp / "run"
+    proc = run_script(EMPSSL, [*empssl_args(image_folder, tmp / "data"), "--output-dir", out], cwd=tmp)
+    return proc, str(out), str(tmp / "data")
+
+
+def fake_pretrained(path, dataset, width=16, **changes):
+    """A checkpoint as mmcr_pretrain.py writes one, with random weights of a narrow ResNet18 (quick to fine-tune)."""
+    model = pretrain.MMCRModel(width, 8)
+    config = dataclasses.asdict(pretrain.Config(dataset=str(dataset), width=width, projection_dim=8))
+    ckpt = {"script": "mmcr_pretrain", "run_id": "fake", "model": model.state_dict(),
+            "architecture": model.architecture, "config": config, "step": 4, "classes": list(CLASSES),
+            "norm": ((0.5,) * 3, (0.25,) * 3)}
+    for key, value in changes.items():
+        if key in config:
+            config[key] = value
+        else:
+            ckpt[key] = value
+    torch.save(ckpt, path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- training runs and their outputs
+
+
+@e2e
+def test_end_to_end(trained_run):
+    proc, out, data_dir = trained_run
+    assert_ok(proc)
+    files = set(os.listdir(out))
+    assert RUN_FILES | {"views.png"} <= files and not [f for f in files if f.endswith(".tmp")]
+    # decoded ImageFolder cached under --data-dir
+    assert os.listdir(os.path.join(data_dir, "cache"))
+    # 8 rows (the first images of the batch), each the image and its 4 views, 32 px with 1 px between
+    assert Image.open(os.path.join(out, "views.png")).size == (5 * 33 + 1, 8 * 33 + 1)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert ((config["num_train"], config["num_test"], config["num_classes"], config["world_size"])
+            == (3 * TRAIN_PER_CLASS, 3 * TEST_PER_CLASS, 3, 1))
+    assert config["steps_per_epoch"] == STEPS_PER_EPOCH and config["num_views"] == 4
+    # the relative --dataset, recorded absolute
+    assert os.path.isabs(config["dataset"]) and os.path.isdir(os.path.join(config["dataset"], "train"))
+    metrics = read_metrics(out)
+    assert len(metrics) == 2
+    total = 2 * STEPS_PER_EPOCH
+    for epoch, m in enumerate(metrics, 1):
+        assert METRIC_KEYS | SCORE_KEYS <= set(m), m
+        assert (m["epoch"], m["step"]) == (epoch, epoch * STEPS_PER_EPOCH)
+        # -||C||_* of 8 centroids of unit vectors
+        assert math.isfinite(m["loss"]) and -math.sqrt(8 * 8) <= m["loss"] < 0
+        assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, total, int(0.1 * total), 1e-3))
+        assert 0 <= m["knn_top1"] <= m["knn_top5"] <= 100 and m["epoch_seconds"] > 0 and m["views_per_second"] > 0
+    printed = re.findall(r"^epoch (\d+)/2 step \d+ loss .*knn_top1 ([\d.]+) knn_top5 ([\d.]+)", proc.stdout, re.M)
+    assert [(int(e), float(a), float(b)) for e, a, b in printed] == [
+        (m["epoch"], pytest.approx(m["knn_top1"], abs=0.006), pytest.approx(m["knn_top5"], abs=0.006)) for m in metrics]
+    assert re.search(r"^done: best knn_top1 [\d.]+ knn_top5 [\d.]+ \(epoch [12]\)", proc.stdout, re.M)
+    # the progress bar shows the loss from the first steps on (--log-every 50 > the 4 steps of an epoch)
+    assert "loss=" in proc.stderr
+    last, best = load(os.path.join(out, "last.pt")), load(os.path.join(out, "best.pt"))
+    assert last["script"] == "mmcr_pretrain" and last["step"] == total and last["epoch"] == 2
+    assert last["run_id"] == config["run_id"] and last["architecture"]["width"] == 64
+    assert best["best"]["knn_top1"] == max(m["knn_top1"] for m in metrics)
+    assert best["step"] == best["best"]["epoch"] * STEPS_PER_EPOCH
+    model = pretrain.MMCRModel(64, 128)
+    # strict: the checkpoint is the whole model
+    model.load_state_dict(last["model"])
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    # a clean end leaves the folder unlocked and the lock file empty
+    assert open(os.path.join(out, ".lock")).read() == ""
+
+
+def backbone_of(state):
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+
+
+@e2e
+@pytest.mark.parametrize("finetune_type", ["linear", "backbone+linear"])
+def test_finetune_end_to_end(trained_run, finetune_run, tmp_path, finetune_type):
+    _, pretrained, pretrained_data = trained_run
+    if finetune_type == "backbone+linear":
+        proc, out = finetune_run
+    else:
+        # and a broken ImageFolder cache (both splits' files truncated) only costs a decoding, with a warning each
+        shutil.copytree(os.path.join(pretrained_data, "cache"), tmp_path / "data" / "cache")
+        caches = sorted((tmp_path / "data" / "cache").iterdir())
+        for cache in caches:
+            cache.write_bytes(cache.read_bytes()[:cache.stat().st_size // 2])
+        out = tmp_path / "ft"
+        proc = run_script(FINETUNE, [*finetune_args(trained_run, "linear", tmp_path / "data"), "--output-dir", out],
+                          cwd=tmp_path)
+        warned = [line for line in error_lines(proc.stderr) if line.startswith("warning:")]
+        assert (len(caches) == 2 and len(warned) == 2
+                and all(str(c) in " ".join(warned) for c in caches)), proc.stderr[-3000:]
+        # rewritten whole
+        assert all(load(c)["images"].dtype == torch.uint8 for c in caches)
+    assert_ok(proc)
+    assert re.search(r"^loaded backbone .*knn top1 [\d.]+ top5 [\d.]+", proc.stdout, re.M)
+    metrics = read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(FINETUNE_KEYS | TEST_KEYS <= set(m) for m in metrics)
+    assert all(math.isfinite(m["loss"]) and 0 <= m["top1"] <= m["top5"] <= 100 for m in metrics)
+    assert re.search(r"^done: best top1 [\d.]+ top5 [\d.]+ test_loss [\d.]+", proc.stdout, re.M)
+    before, after = (backbone_of(load(os.path.join(pretrained, "best.pt"))["model"]),
+                     backbone_of(load(os.path.join(out, "last.pt"))["model"]))
+    assert before.keys() == after.keys()
+    same = {k: torch.equal(before[k], after[k]) for k in before}
+    statistics = {k for k in before if "running_" in k or "num_batches" in k}
+    # weights untouched; --frozen-bn train (default): BatchNorm statistics re-estimated
+    if finetune_type == "linear":
+        assert all(same[k] for k in before if k not in statistics) and not all(same[k] for k in statistics)
+    else:
+        assert not all(same.values())
+    assert load(os.path.join(out, "last.pt"))["script"] == "mmcr_finetune"
+
+
+@e2e
+def test_finetune_linear_probe_learns(trained_run, image_folder, tmp_path):
+    """33 points in a 512-d feature space are linearly separable whatever their labels: with test = train,
+    a linear probe that really trains reaches 100% (on cached features, --augment none)."""
+    _, pretrained, _ = trained_run
+    root = tmp_path / "same"
+    shutil.copytree(os.path.join(image_folder, "train"), root / "train")
+    shutil.copytree(os.path.join(image_folder, "train"), root / "test")
+    out = tmp_path / "ft"
+    proc = assert_ok(run_script(FINETUNE, ["--checkpoint", os.path.join(pretrained, "best.pt"), "--dataset", root,
+                                           "--data-dir", tmp_path / "data", "--output-dir", out, "--augment", "none",
+                                           "--frozen-bn", "eval", "--batch-size", 8, "--max-epochs", 60,
+                                           "--learning-rate", 0.05, "--warmup-duration", 0, "--eval-every", 10,
+                                           "--num-neighbours", 5, "--device", "cpu"], cwd=tmp_path))
+    assert "cached features" in proc.stdout
+    metrics = read_metrics(out)
+    # --eval-every 10
+    assert "top1" not in metrics[0] and metrics[9]["top1"] is not None
+    assert metrics[-1]["top1"] == 100.0
+    assert metrics[-1]["loss"] < metrics[0]["loss"] / 3
+
+
+@e2e
+def test_finetune_takes_the_pretraining_subset_and_a_batch_that_fits(image_folder, tmp_path, capsys):
+    """A checkpoint trained with --limit-train / --limit-test: the probe uses the same subset unless told otherwise,
+    and its default batch (1024) shrinks to the 20 training images instead of failing."""
+    ckpt = fake_pretrained(tmp_path / "pre.pt", image_folder, limit_train=20, limit_test=9)
+    proc = run_cli(FINETUNE, ["--checkpoint", ckpt, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "ft",
+                              "--max-epochs", 1, "--num-neighbours", 5, "--device", "cpu"], capsys)
+    assert_ok(proc)
+    config = json.load(open(tmp_path / "ft" / "config.json"))
+    assert (config["num_train"], config["num_test"], config["batch_size"]) == (20, 9, 20)
+    assert "note: --batch-size 20" in proc.stdout
+    # told otherwise: all the images
+    proc = run_cli(FINETUNE, ["--checkpoint", ckpt, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "all",
+                              "--max-epochs", 1, "--limit-train", 0, "--limit-test", 0, "--num-neighbours", 5,
+                              "--device", "cpu"], capsys)
+    assert_ok(proc)
+    assert json.load(open(tmp_path / "all" / "config.json"))["num_train"] == 3 * TRAIN_PER_CLASS
+
+
+@e2e
+def test_a_widened_copy_of_the_script_fine_tunes(image_folder, tmp_path):
+    """The hacker's change of the backbone: a copy of mmcr_pretrain.py with a wider ResNet18 (one edit), trained, then
+    fine-tuned by mmcr_finetune.py, which builds the width that the checkpoint records."""
+    source = open(MMCR).read()
+    edit = 'width: int = arg(64, "channels'
+    assert source.count(edit) == 1
+    (tmp_path / "my_mmcr.py").write_text(source.replace(edit, 'width: int = arg(80, "channels'))
+    shutil.copy(os.path.join(REPO, "knn.py"), tmp_path / "knn.py")
+    assert_ok(run_script(str(tmp_path / "my_mmcr.py"), ["--dataset", image_folder, "--data-dir", tmp_path / "data",
+                                                        "--output-dir", tmp_path / "run", *TINY, "--max-epochs", 1,
+                                                        "--num-views", 2], cwd=tmp_path))
+    assert load(tmp_path / "run" / "best.pt")["architecture"]["feature_dim"] == 640
+    assert_ok(run_script(FINETUNE, ["--checkpoint", tmp_path / "run" / "best.pt", "--data-dir", tmp_path / "data",
+                                    "--output-dir", tmp_path / "ft", *FINETUNE_TINY, "--max-epochs", 1], cwd=tmp_path))
+    assert load(tmp_path / "ft" / "last.pt")["model"]["fc.weight"].shape == (3, 640)
+
+
+@e2e
+def test_empssl_end_to_end_then_linear(empssl_run, tmp_path):
+    proc, out, _ = empssl_run
+    assert_ok(proc)
+    assert re.search(r"knn_top1 [\d.]+ knn_top5 [\d.]+", proc.stdout)
+    # the evaluation's progress bars name their split
+    assert "bag of features of train" in proc.stderr and "bag of features of test" in proc.stderr
+    assert RUN_FILES | {"views.png", "embeddings"} <= set(os.listdir(out))
+    for split, n in (("train", 3 * TRAIN_PER_CLASS), ("test", 3 * TEST_PER_CLASS)):
+        d = load(os.path.join(out, "embeddings", f"{split}.pt"))
+        assert {"embeddings", "labels", "dim", "patches", "checkpoint", "dataset", "classes"} <= set(d)
+        assert d["embeddings"].shape == (n, 64) and d["embeddings"].dtype == torch.float16 and d["dim"] == 64
+        assert d["labels"].shape == (n,) and d["labels"].dtype == torch.int64 and d["patches"] == 4
+        assert torch.isfinite(d["embeddings"].float()).all()
+    metrics = read_metrics(out)
+    assert all(METRIC_KEYS <= set(m) for m in metrics)
+    # --eval-every 0: evaluated after the last epoch only
+    assert [SCORE_KEYS <= set(m) for m in metrics] == [False, True]
+    # 8 images x (image + 4 patches)
+    assert Image.open(os.path.join(out, "views.png")).size == (5 * 33 + 1, 8 * 33 + 1)
+    lin = run_script(LINEAR, ["--dataset", os.path.join(out, "embeddings"), "--output-dir", tmp_path / "lin",
+                              "--max-epochs", 3, "--batch-size", 8, "--num-neighbours", 5, "--device", "cpu"],
+                     cwd=tmp_path)
+    assert_ok(lin)
+    assert [m["epoch"] for m in read_metrics(tmp_path / "lin")] == [1, 2, 3]
+
+
+def write_embeddings(folder, xtr, ytr, xte, yte, classes, **override):
+    os.makedirs(folder, exist_ok=True)
+    for name, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        d = {"embeddings": x.half(), "labels": y, "dim": x.shape[1], "patches": 4, "classes": classes,
+             "checkpoint": "-", "dataset": "-"}
+        d.update(override.get(name, {}))
+        torch.save(d, os.path.join(folder, f"{name}.pt"))
+    return str(folder)
+
+
+def separated(n, classes, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, dim, generator=torch.Generator().manual_seed(0)) * 3
+    y = torch.arange(n) % classes
+    return means[y] + torch.randn(n, dim, generator=g), y
+
+
+@e2e
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_linear_probe_learns_from_data_not_label_order(tmp_path, shuffle):
+    classes = [f"c{i}" for i in range(10)]
+    (xtr, ytr), (xte, yte) = separated(600, 10, 32, 1), separated(300, 10, 32, 2)
+    # labels no longer tied to the data: test accuracy must fall to chance
+    if shuffle:
+        ytr = ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(5))]
+    folder = write_embeddings(tmp_path / "emb", xtr, ytr, xte, yte, classes)
+    out = tmp_path / "lin"
+    proc = assert_ok(run_script(LINEAR, ["--dataset", folder, "--output-dir", out, "--max-epochs", 5, "--device", "cpu",
+                                         "--num-neighbours", 20], cwd=tmp_path))
+    metrics = read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert all({"epoch", "loss", "lr"} | TEST_KEYS <= set(m) for m in metrics)
+    assert re.search(r"^done: best top1 [\d.]+ top5 [\d.]+", proc.stdout, re.M)
+    if shuffle:
+        assert metrics[-1]["top1"] < 25
+    else:
+        assert metrics[-1]["top1"] > 95
+    assert load(out / "best.pt")["model"]["weight"].shape == (10, 32)
+
+
+# ----------------------------------------------------------------------------- run folders: one run each, resume
+
+
+@e2e
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_a_run_folder_is_never_overwritten(script, trained_run, image_folder, tmp_path, capsys):
+    """Without --resume, an --output-dir that holds a run is refused with one line that names it and the way to
+    continue it, and every file in it stays byte for byte as it was. mmcr_pretrain.py: a copy of a finished run and
+    the command that made it; the others: the files a run starts with, and a --dataset / --checkpoint that does not
+    exist (so the check comes before any data is loaded)."""
+    run, missing = tmp_path / "run", tmp_path / "nothing_here"
+    if script == MMCR:
+        proc, finished, data_dir = trained_run
+        assert_ok(proc)
+        shutil.copytree(finished, run)
+        args = ["--dataset", image_folder, "--data-dir", data_dir, *TINY]
+    else:
+        run.mkdir()
+        (run / "config.json").write_text('{"seed": 1}\n')
+        (run / "metrics.jsonl").write_text('{"epoch": 1, "step": 4}\n')
+        (run / "last.pt").write_bytes(b"not even a checkpoint")
+        args = {FINETUNE: ["--checkpoint", missing, "--data-dir", tmp_path / "data", *FINETUNE_TINY],
+                EMPSSL: ["--dataset", missing, "--data-dir", tmp_path / "data", *EMPSSL_TINY],
+                LINEAR: ["--dataset", missing, "--device", "cpu"]}[script]
+    before = file_hashes(run)
+    proc = run_cli(script, [*args, "--output-dir", run], capsys)
+    assert_one_error_line(proc, script, str(run), "--resume auto")
+    assert file_hashes(run) == before
+
+
+@pytest.fixture(scope="session")
+def killed_run(trained_run, image_folder, tmp_path_factory):
+    """The trained run's command, with a timed save every few milliseconds of wall clock (--checkpoint-minutes
+    0.0001) and no log step inside an epoch after the first ones (--log-every 1000), killed with SIGKILL after the
+    first save inside epoch 2, then resumed with --resume auto to its end. Returns (run folder, a copy of the last.pt
+    the kill left, the resumed run's CompletedProcess)."""
+    _, _, data_dir = trained_run
+    tmp = tmp_path_factory.mktemp("killed")
+    out = tmp / "run"
+
+    # a last.pt of a step inside epoch 2 (mmap: the tensors are not read; saves replace the file whole)
+    def saved_inside_epoch_2():
+        try:
+            return torch.load(out / "last.pt", mmap=True, weights_only=True)["step"] > STEPS_PER_EPOCH
+        except (FileNotFoundError, RuntimeError):
+            return False
+
+    args = ["--dataset", image_folder, "--data-dir", data_dir, *TINY, "--checkpoint-minutes", 0.0001,
+            "--log-every", 1000]
+    saved, resumed = interrupt_and_resume(MMCR, args, out, tmp, saved_inside_epoch_2, signal.SIGKILL)
+    atomic_save(saved, str(tmp / "killed.pt"))
+    return str(out), str(tmp / "killed.pt"), resumed
+
+
+@e2e
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(killed_run, trained_run):
+    """A hard kill loses only the steps since the last timed save (saved by the clock, not at log steps), the next run
+    takes the dead process's lock over with a warning, and the resumed run ends bit-identical to the uninterrupted
+    one (--log-every and --checkpoint-minutes do not change the maths)."""
+    out, killed, resumed = killed_run
+    saved = load(killed)
+    # inside epoch 2: the augmentation RNG state must be restored
+    assert STEPS_PER_EPOCH < saved["step"] < 2 * STEPS_PER_EPOCH
+    warned = [line for line in error_lines(resumed.stderr) if line.startswith("warning:")]
+    assert len(warned) == 1 and "locked by PID" in warned[0] and "taking it over" in warned[0], resumed.stderr
+    final, reference = load(os.path.join(out, "last.pt")), load(os.path.join(trained_run[1], "last.pt"))
+    assert final["step"] == reference["step"] == 2 * STEPS_PER_EPOCH
+    assert_same_weights(final, reference, ("exp_avg", "exp_avg_sq"))
+    metrics, ref_metrics = read_metrics(out), read_metrics(trained_run[1])
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert [m["knn_top1"] for m in metrics] == [m["knn_top1"] for m in ref_metrics]
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+@e2e
+def test_resume_from_an_older_checkpoint_keeps_each_epoch_once(killed_run, trained_run, tmp_path):
+    """A finished 2-epoch run resumed from its mid-epoch-2 checkpoint (with nothing but --resume): metrics.jsonl drops
+    the lines after that step and ends with epochs [1, 2], not [1, 2, 2]; the weights come out the same again."""
+    finished, killed, _ = killed_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    proc = assert_ok(run_script(MMCR, ["--output-dir", run, "--resume", killed], cwd=tmp_path))
+    assert f"resumed from {killed} at step {load(killed)['step']}" in proc.stdout
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    # the kept line is untouched
+    assert metrics[0] == read_metrics(finished)[0]
+    assert_same_weights(load(run / "last.pt"), load(os.path.join(trained_run[1], "last.pt")))
+
+
+@e2e
+def test_a_resume_continues_the_runs_recipe(trained_run, tmp_path, capsys):
+    """--resume auto --output-dir alone continues a run with its own flags (here: extended by --max-epochs, which a
+    resume may change); config.json keeps the recipe and records the resume. A flag that changes the recipe is
+    refused, listing the differences, and changes nothing."""
+    _, finished, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = file_hashes(run)
+    for flags, phrases in ((["--weight-decay", 0.5], ["--weight-decay 0.5 (the run's: 1e-06)"]),
+                           (["--dataset", tmp_path, "--batch-size", 4], ["--batch-size 4 (the run's: 8)",
+                                                                        f"--dataset {tmp_path}"])):
+        proc = run_cli(MMCR, ["--resume", "auto", "--output-dir", run, *flags], capsys)
+        assert_one_error_line(proc, MMCR, *phrases, "another --output-dir")
+        assert file_hashes(run) == before
+    proc = assert_ok(run_script(MMCR, ["--resume", "auto", "--output-dir", run, "--max-epochs", 3], cwd=tmp_path))
+    last = load(run / "last.pt")
+    assert last["step"] == 3 * STEPS_PER_EPOCH and [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+    assert (last["config"]["num_views"], last["config"]["batch_size"], last["config"]["max_epochs"]) == (4, 8, 3)
+    config = json.load(open(run / "config.json"))
+    assert config["max_epochs"] == 2 and config["run_id"] == last["run_id"]
+    assert [(r["step"], r["changed"]) for r in config["resumes"]] == [(2 * STEPS_PER_EPOCH, {"max_epochs": [2, 3]})]
+
+
+@e2e
+def test_a_resume_into_the_folder_of_another_run_is_refused(killed_run, trained_run, tmp_path, capsys):
+    other, _, _ = killed_run
+    folder = tmp_path / "other"
+    shutil.copytree(other, folder)
+    before = file_hashes(folder)
+    proc = run_cli(MMCR, ["--resume", os.path.join(trained_run[1], "last.pt"), "--output-dir", folder], capsys)
+    assert_one_error_line(proc, MMCR, str(folder), "holds another run")
+    assert file_hashes(folder) == before
+
+
+@e2e
+def test_a_second_run_on_the_same_folder_is_refused(image_folder, tmp_path, capsys):
+    """Two runs started on one --output-dir: the second exits 2 at once, naming the first one's PID; the first goes on
+    (and stops cleanly on SIGTERM)."""
+    out = tmp_path / "run"
+    args = ["--dataset", image_folder, "--data-dir", tmp_path / "data", *TINY, "--max-epochs", 50, "--output-dir", out]
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        first = subprocess.Popen([sys.executable, MMCR, *map(str, args)], cwd=tmp_path, env=ENV,
+                                 stdout=subprocess.DEVNULL, stderr=f)
+        try:
+            wait_for(lambda: os.path.exists(out / ".lock") and open(out / ".lock").read().strip(), first, log)
+            proc = run_cli(MMCR, args, capsys)
+            assert_one_error_line(proc, MMCR, "in use by another run", f"PID {first.pid}")
+            assert first.poll() is None
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(timeout=300) == 128 + signal.SIGTERM
+        finally:
+            first.kill()
+            first.wait()
+
+
+@e2e
+def test_ctrl_c_saves_and_exits_cleanly(image_folder, tmp_path):
+    out = tmp_path / "run"
+    # 50 epochs: however fast the machine, the run is still going when Ctrl-C arrives; views.png: training started
+    interrupt(MMCR, ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir", out, *TINY,
+                     "--max-epochs", "50"], tmp_path, lambda log: os.path.exists(out / "views.png"), signal.SIGINT)
+    saved = load(out / "last.pt")
+    assert 1 <= saved["step"] < 50 * STEPS_PER_EPOCH and saved["script"] == "mmcr_pretrain"
+    assert metrics_lines(out / "metrics.jsonl") <= saved["step"] // STEPS_PER_EPOCH
+    assert not os.path.exists(out / "last.pt.tmp")
+
+
+@e2e
+def test_ctrl_c_during_the_last_evaluation_still_ends_with_130(image_folder, tmp_path):
+    """Ctrl-C while EMP-SSL's final bag-of-features evaluation runs: the evaluation finishes, its metrics, embeddings
+    and checkpoints are written, and the run exits 130 (not 0) with the one 'interrupted' line."""
+    out = tmp_path / "run"
+    interrupt(EMPSSL, [*empssl_args(image_folder, tmp_path / "data"), "--max-epochs", 1, "--valid-patches", 8,
+                       "--output-dir", out], tmp_path, lambda log: "bag of features of train" in log, signal.SIGINT)
+    assert load(out / "last.pt")["step"] == STEPS_PER_EPOCH
+    assert SCORE_KEYS <= set(read_metrics(out)[0])
+    assert os.path.exists(out / "embeddings" / "test.pt")
+
+
+@e2e
+def test_ctrl_c_during_the_finetune_startup_knn_exits_cleanly(tmp_path):
+    """SIGTERM while mmcr_finetune.py computes the loaded backbone's kNN, before any training: exit 143, one line, no
+    checkpoint (nothing was trained)."""
+    images = make_image_folder(tmp_path / "images", 80, 40)
+    ckpt = fake_pretrained(tmp_path / "pre.pt", images, width=64)
+    interrupt(FINETUNE, ["--checkpoint", ckpt, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "ft",
+                         *FINETUNE_TINY], tmp_path, lambda log: "features of train" in log, saved=False)
+    assert not os.path.exists(tmp_path / "ft" / "last.pt")
+
+
+@e2e
+def test_finetune_sigterm_then_resume_gives_the_uninterrupted_weights(trained_run, finetune_run, tmp_path):
+    reference_proc, reference = finetune_run
+    assert_ok(reference_proc)
+    out = tmp_path / "run"
+    saved, _ = interrupt_and_resume(FINETUNE, finetune_args(trained_run, "backbone+linear"), out, tmp_path,
+                                    lambda: metrics_lines(out / "metrics.jsonl") >= 1)
+    # stopped inside epoch 2
+    assert STEPS_PER_EPOCH < saved["step"] < 2 * STEPS_PER_EPOCH
+    assert_same_weights(load(out / "last.pt"), load(os.path.join(reference, "last.pt")), ("exp_avg", "exp_avg_sq"))
+    assert [m["top1"] for m in read_metrics(out)] == [m["top1"] for m in read_metrics(reference)]
+
+
+@e2e
+def test_empssl_sigterm_then_resume_gives_the_uninterrupted_weights(empssl_run, image_folder, tmp_path):
+    reference_proc, reference, data_dir = empssl_run
+    assert_ok(reference_proc)
+    out = tmp_path / "run"
+    saved, _ = interrupt_and_resume(EMPSSL, empssl_args(image_folder, data_dir), out, tmp_path,
+                                    lambda: metrics_lines(out / "metrics.jsonl") >= 1)
+    assert STEPS_PER_EPOCH < saved["step"] < 2 * STEPS_PER_EPOCH
+    # LARS state too
+    assert_same_weights(load(out / "last.pt"), load(os.path.join(reference, "last.pt")), ("momentum_buffer",))
+    emb, ref_emb = load(out / "embeddings" / "test.pt"), load(os.path.join(reference, "embeddings", "test.pt"))
+    assert torch.equal(emb["embeddings"], ref_emb["embeddings"])
+
+
+def file_size_limit(n_bytes):
+    """For the child process: writes beyond n_bytes fail with EFBIG (SIGXFSZ ignored), as on a full disk."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))
+    return limit
+
+
+@e2e
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(trained_run, tmp_path):
+    """Resuming a finished run to 3 epochs where files may not grow past 50 MB (a 136 MB checkpoint cannot be
+    written): exit 2 with one line naming last.pt, no .tmp left, and last.pt / best.pt as they were."""
+    _, finished, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = file_hashes(run)
+    proc = run_script(MMCR, ["--resume", "auto", "--output-dir", run, "--max-epochs", 3], cwd=tmp_path,
+                      preexec_fn=file_size_limit(50 * 2 ** 20))
+    line = assert_one_error_line(proc, MMCR, "cannot write", ".pt", "is unchanged")
+    assert "last.pt" in line or "best.pt" in line
+    after = file_hashes(run)
+    assert not [f for f in after if f.endswith(".tmp")]
+    assert {f: after[f] for f in ("last.pt", "best.pt")} == {f: before[f] for f in ("last.pt", "best.pt")}
+    assert load(run / "last.pt")["step"] == 2 * STEPS_PER_EPOCH
+
+
+@e2e
+@pytest.mark.parametrize("script", [MMCR, EMPSSL], ids=os.path.basename)
+def test_a_diverged_run_stops_with_exit_3_and_keeps_its_checkpoints(script, trained_run, empssl_run, tmp_path):
+    """A NaN weight in last.pt, resumed: the run stops at its first log step with exit code 3 and one line saying it
+    diverged and which files keep the last finite state, and last.pt / best.pt stay as they were. (On the CPU MMCR's
+    SVD would raise on the NaN; the script turns that into the same stop.)"""
+    proc, finished, _ = trained_run if script == MMCR else empssl_run
+    assert_ok(proc)
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    ckpt = load(run / "last.pt")
+    # a parameter, not a buffer
+    ckpt["model"]["backbone.conv1.weight"][0, 0, 0, 0] = math.nan
+    torch.save(ckpt, run / "last.pt")
+    before = file_hashes(run)
+    proc = run_script(script, ["--output-dir", run, "--resume", "auto", "--max-epochs", 3], cwd=tmp_path)
+    assert_one_error_line(proc, script, "diverged", "last.pt and best.pt", code=3)
+    after = file_hashes(run)
+    assert {f: after.get(f) for f in ("last.pt", "best.pt")} == {f: before[f] for f in ("last.pt", "best.pt")}
+    assert not [f for f in after if f.endswith(".tmp")]
+
+
+@e2e
+def test_a_run_that_diverges_before_its_first_save_leaves_a_folder_to_rerun(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--dataset", image_folder, "--data-dir", tmp_path / "data", *TINY, "--max-epochs", 1, "--output-dir", out]
+    proc = run_cli(MMCR, [*args, "--learning-rate", 1e30], capsys)
+    assert_one_error_line(proc, MMCR, "diverged at step", "nothing was saved", code=3)
+    assert not os.path.exists(out / "last.pt")
+    assert_ok(run_cli(MMCR, args, capsys))
+
+
+# ----------------------------------------------------------------------------- DDP with torchrun
+
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
+@e2e
 def test_torchrun_two_cpu_processes(image_folder, tmp_path):
     out = tmp_path / "run"
-    proc = run_script(MMCR, ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir", out, *TINY],
-                      tmp_path, TORCHRUN)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    proc = assert_ok(run_script(MMCR, ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir", out,
+                                       *TINY], tmp_path, TORCHRUN))
     config = json.load(open(out / "config.json"))
     assert config["world_size"] == 2 and config["steps_per_epoch"] == STEPS_PER_EPOCH
     metrics = read_metrics(out)
-    assert [m["epoch"] for m in metrics] == [1, 2] and all(METRIC_KEYS <= set(m) for m in metrics)
-    assert all(math.isfinite(m["loss"]) and m["knn_top1"] is not None for m in metrics)
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(METRIC_KEYS | SCORE_KEYS <= set(m) for m in metrics)
+    assert all(math.isfinite(m["loss"]) for m in metrics)
     last = load(out / "last.pt")
     # every rank's augmentation RNG
     assert last["step"] == 2 * STEPS_PER_EPOCH and len(last["aug_rng"]) == 2
@@ -1358,13 +1710,13 @@ def test_torchrun_two_cpu_processes(image_folder, tmp_path):
     assert len(re.findall(r"^epoch \d/2 ", proc.stdout, re.M)) == 2
 
 
+@e2e
 def test_empssl_torchrun_two_cpu_processes(image_folder, tmp_path):
     out = tmp_path / "run"
-    proc = run_script(EMPSSL, ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir", out,
-                               *EMPSSL_TINY, "--max-epochs", 1], tmp_path, TORCHRUN)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = assert_ok(run_script(EMPSSL, ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir",
+                                         out, *EMPSSL_TINY, "--max-epochs", 1], tmp_path, TORCHRUN))
     # printed by rank 0 only
-    assert len(re.findall(r"^epoch 1/1 .*knn top1", proc.stdout, re.M)) == 1
+    assert len(re.findall(r"^epoch 1/1 .*knn_top1", proc.stdout, re.M)) == 1
     # every image, gathered from both ranks
     for split, n in (("train", 3 * TRAIN_PER_CLASS), ("test", 3 * TEST_PER_CLASS)):
         d = load(out / "embeddings" / f"{split}.pt")
@@ -1372,112 +1724,168 @@ def test_empssl_torchrun_two_cpu_processes(image_folder, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-# The error plumbing (load_dataset, load_image_folder, read_torch_file, load_checkpoint, resume, the OSError and
-# UserError handling of __main__) is the same code in every script: each of its paths is tested once, with
-# mmcr_pretrain.py. Each script then gets the checks only it has.
+# The error plumbing (load_dataset, load_image_folder, read_torch_file, load_checkpoint, the run control, cli) is the
+# same code in every script: each of its paths is tested once, with mmcr_pretrain.py. Each script then gets the checks
+# only it has. Every case runs the script's command line in this process (it ends before any training).
 
 
-def bad_input(name, image_folder, trained_run, tmp_path):
-    """(script, arguments, phrases the error line must contain) for each bad input; later flags win."""
-    mmcr = ["--dataset", image_folder, "--data-dir", tmp_path / "data", *TINY, "--output-dir", tmp_path / "run"]
-    x, y, classes = torch.randn(12, 8), torch.arange(12) % 3, ["a", "b", "c"]
-    linear = lambda folder, *extra: (LINEAR, ["--dataset", folder, "--output-dir", tmp_path / "run",
-                                              "--device", "cpu", *extra])
+class Case:
+    """What a bad-input case builds its command line from: a temporary folder and the tiny image folder."""
+
+    def __init__(self, tmp, images):
+        self.tmp, self.images = tmp, images
+
+    def mmcr(self, *extra):
+        return MMCR, ["--dataset", self.images, "--data-dir", self.tmp / "data", *TINY, "--output-dir",
+                      self.tmp / "run", *extra]
+
+    def finetune(self, checkpoint, *extra):
+        return FINETUNE, ["--checkpoint", checkpoint, "--data-dir", self.tmp / "data", "--output-dir",
+                          self.tmp / "run", "--device", "cpu", *extra]
+
+    def linear(self, folder, *extra):
+        return LINEAR, ["--dataset", folder, "--output-dir", self.tmp / "run", "--device", "cpu", *extra]
+
+    def file(self, name, content):
+        """tmp/name with this content."""
+        (self.tmp / name).write_bytes(content)
+        return self.tmp / name
+
+    def checkpoint(self, name, **changes):
+        return fake_pretrained(self.tmp / name, self.images, **changes)
+
+    def embeddings(self, train_x=None, train_y=None, test_x=None, **override):
+        x, y = torch.randn(12, 8), torch.arange(12) % 3
+        return write_embeddings(self.tmp / "e", x if train_x is None else train_x, y if train_y is None else train_y,
+                                x if test_x is None else test_x, y, ["a", "b", "c"], **override)
+
+
+def no_images(t):
+    for s in ("train", "test"):
+        os.makedirs(t.tmp / "empty" / s / "cat")
+        (t.tmp / "empty" / s / "cat" / "notes.txt").write_text("no images here")
+    return t.tmp / "empty"
+
+
+def corrupt_images(t):
+    root = make_image_folder(t.tmp / "corrupt", 2, 1)
+    for name in ("broken.jpg", "also_broken.png"):
+        (t.tmp / "corrupt" / "train" / "dog" / name).write_bytes(os.urandom(500))
+    return root
+
+
+def empty_class(t):
+    root = make_image_folder(t.tmp / "holes", 2, 1)
+    os.makedirs(t.tmp / "holes" / "train" / "zebra")
+    return root
+
+
+def two_classes(t):
+    root = make_image_folder(t.tmp / "two", 3, 2)
+    for split in ("train", "test"):
+        shutil.rmtree(os.path.join(root, split, CLASSES[2]))
+    return root
+
+
+def foreign_checkpoint(t):
+    torch.save({"weights": torch.zeros(3)}, t.tmp / "foreign.pt")
+    return t.tmp / "foreign.pt"
+
+
+def wrong_keys(t):
+    folder = t.embeddings()
+    torch.save({"features": torch.zeros(3)}, os.path.join(folder, "train.pt"))
+    return folder
+
+
+def narrower_weights(t):
+    """A checkpoint that says width 24 but holds the weights of width 16."""
+    path = t.checkpoint("narrow.pt")
+    ckpt = load(path)
+    ckpt["architecture"]["width"] = 24
+    torch.save(ckpt, path)
+    return path
+
+
+BAD_INPUTS = [
     # shared paths, with mmcr_pretrain.py
-    if name == "missing dataset":
-        return MMCR, [*mmcr, "--dataset", tmp_path / "no_such_dataset"], ["no_such_dataset"]
-    if name == "no images":
-        for s in ("train", "test"):
-            os.makedirs(tmp_path / "empty" / s / "cat")
-            (tmp_path / "empty" / s / "cat" / "notes.txt").write_text("no images here")
-        return MMCR, [*mmcr, "--dataset", tmp_path / "empty"], ["no images found"]
-    if name == "corrupt image":
-        root = make_image_folder(tmp_path / "corrupt", 2, 1)
-        broken = tmp_path / "corrupt" / "train" / "dog" / "broken.jpg"
-        broken.write_bytes(os.urandom(500))
-        return MMCR, [*mmcr, "--dataset", root, "--batch-size", 2], [str(broken)]
-    if name == "empty class folder":
-        root = make_image_folder(tmp_path / "holes", 2, 1)
-        os.makedirs(tmp_path / "holes" / "train" / "zebra")
-        return MMCR, [*mmcr, "--dataset", root, "--batch-size", 2], ["zebra"]
-    if name == "cifar10 offline":
-        os.makedirs(tmp_path / "empty_data")
-        return MMCR, [*mmcr, "--dataset", "cifar10", "--data-dir", tmp_path / "empty_data"], [
-            "offline", "https://www.cs.toronto.edu/~kriz/cifar.html", "ImageFolder"]
-    if name == "resume missing checkpoint":
-        return MMCR, [*mmcr, "--resume", tmp_path / "missing.pt"], ["missing.pt", "does not exist"]
-    if name == "resume corrupt checkpoint":
-        (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
-        return MMCR, [*mmcr, "--resume", tmp_path / "garbage.pt"], ["garbage.pt", "not a readable checkpoint"]
-    if name == "resume foreign checkpoint":
-        torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
-        return MMCR, [*mmcr, "--resume", tmp_path / "foreign.pt"], [
-            "foreign.pt", "not a checkpoint written by these scripts"]
-    if name == "resume checkpoint of another model size":
-        return MMCR, [*mmcr, "--resume", os.path.join(trained_run[1], "last.pt"), "--projection-dim", 64], [
-            "does not fit this run", "--projection-dim"]
-    if name == "output dir is a file":
-        (tmp_path / "run").write_text("a file where the run folder should go")
-        return MMCR, mmcr, ["File exists"]
+    pytest.param(lambda t: t.mmcr("--dataset", t.tmp / "no_such_dataset"), ["no_such_dataset"], id="missing dataset"),
+    pytest.param(lambda t: t.mmcr("--dataset", no_images(t)), ["no images found"], id="no images"),
+    pytest.param(lambda t: t.mmcr("--dataset", corrupt_images(t), "--batch-size", 2),
+                 ["cannot read 2 images", "broken.jpg", "also_broken.png"], id="corrupt images, all named"),
+    pytest.param(lambda t: t.mmcr("--dataset", empty_class(t), "--batch-size", 2), ["zebra"], id="empty class folder"),
+    pytest.param(lambda t: t.mmcr("--dataset", "cifar10", "--data-dir", t.tmp / "empty_data"),
+                 ["offline", "https://www.cs.toronto.edu/~kriz/cifar.html", "ImageFolder"], id="cifar10 offline"),
+    pytest.param(lambda t: t.mmcr("--resume", t.tmp / "missing.pt"), ["missing.pt", "does not exist"],
+                 id="resume missing checkpoint"),
+    pytest.param(lambda t: t.mmcr("--resume", t.file("garbage.pt", os.urandom(1000))),
+                 ["garbage.pt", "not a readable checkpoint"], id="resume corrupt checkpoint"),
+    pytest.param(lambda t: t.mmcr("--resume", foreign_checkpoint(t)),
+                 ["foreign.pt", "not a checkpoint written by these scripts"], id="resume foreign checkpoint"),
+    pytest.param(lambda t: t.mmcr("--resume", t.checkpoint("other.pt"), "--projection-dim", 64),
+                 ["--projection-dim 64 (the run's: 8)", "another --output-dir"], id="resume with another recipe"),
+    pytest.param(lambda t: t.mmcr("--output-dir", t.file("run", b"a file where the run folder should go")),
+                 ["cannot create --output-dir", "File exists"], id="output dir is a file"),
+    pytest.param(lambda t: t.mmcr("--resume", "auto", "--output-dir", ""), ["--resume auto needs --output-dir"],
+                 id="resume auto without a folder"),
+    pytest.param(lambda t: t.mmcr("--learning-rate", "nan"), ["--learning-rate must be a finite number"], id="lr nan"),
+    pytest.param(lambda t: t.mmcr("--learning-rate", "inf"), ["--learning-rate must be a finite number"], id="lr inf"),
+    pytest.param(lambda t: t.mmcr("--weight-decay", "nan"), ["--weight-decay must be a finite"], id="weight decay nan"),
+    pytest.param(lambda t: t.mmcr("--checkpoint-minutes", "nan"), ["--checkpoint-minutes must be a finite"],
+                 id="checkpoint minutes nan"),
+    pytest.param(lambda t: t.mmcr("--temperature=-inf"), ["--temperature must be a finite"], id="temperature inf"),
     # what only mmcr_pretrain.py checks
-    if name == "mmcr: one view":
-        return MMCR, [*mmcr, "--num-views", 1], ["--num-views"]
-    if name == "mmcr: batch larger than training set":
-        return MMCR, [*mmcr, "--batch-size", 1000], ["larger than the training set"]
-    # mmcr_finetune.py: its --checkpoint must be mmcr_pretrain.py's, for as many classes
-    finetune_base = lambda checkpoint, *extra: (FINETUNE, ["--checkpoint", checkpoint, "--data-dir", tmp_path / "data",
-                                                           "--output-dir", tmp_path / "run", "--device", "cpu", *extra])
-    if name == "finetune: EMP-SSL checkpoint":
-        torch.save({"script": "empssl_pretrain", "model": {}, "config": {}, "step": 0}, tmp_path / "empssl.pt")
-        return (*finetune_base(tmp_path / "empssl.pt"), ["empssl_pretrain.py, not mmcr_pretrain.py"])
-    if name == "finetune: class count":
-        two = make_image_folder(tmp_path / "two", 3, 2)
-        for split in ("train", "test"):
-            shutil.rmtree(os.path.join(two, split, CLASSES[2]))
-        return (*finetune_base(os.path.join(trained_run[1], "best.pt"), "--dataset", two), ["3 classes", "has 2"])
+    pytest.param(lambda t: t.mmcr("--num-views", 1), ["--num-views"], id="mmcr: one view"),
+    pytest.param(lambda t: t.mmcr("--batch-size", 1000), ["--batch-size 1000 is larger than the training set"],
+                 id="mmcr: batch larger than training set"),
+    pytest.param(lambda t: t.mmcr("--normalize", "imagenet"), ["--normalize must be"], id="mmcr: normalize"),
+    # mmcr_finetune.py: its --checkpoint must be an MMCR pretraining checkpoint it can build, for as many classes
+    pytest.param(lambda t: t.finetune(t.checkpoint("empssl.pt", script="empssl_pretrain")),
+                 ["empssl_pretrain.py, not mmcr_pretrain.py"], id="finetune: EMP-SSL checkpoint"),
+    pytest.param(lambda t: t.finetune(t.checkpoint("c.pt"), "--dataset", two_classes(t)), ["3 classes", "has 2"],
+                 id="finetune: class count"),
+    pytest.param(lambda t: t.finetune(t.checkpoint("vit.pt", architecture={"backbone": "ViT", "width": 64})),
+                 ["holds a ViT backbone", "does not define"], id="finetune: another architecture"),
+    pytest.param(lambda t: t.finetune(narrower_weights(t)), ["do not fit a ResNet18 of width 24"],
+                 id="finetune: weights of another width"),
+    pytest.param(lambda t: t.finetune(t.checkpoint("empty.pt", model={"projector.0.weight": torch.zeros(8, 128)})),
+                 ["do not fit a ResNet18", "Missing key"], id="finetune: missing keys"),
     # empssl_pretrain.py
-    if name == "empssl: one patch":
-        return EMPSSL, ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "run",
-                        *EMPSSL_TINY, "--train-patches", 1], ["--train-patches"]
+    pytest.param(lambda t: (EMPSSL, ["--dataset", t.images, "--data-dir", t.tmp / "data", "--output-dir",
+                                     t.tmp / "run", *EMPSSL_TINY, "--train-patches", 1]),
+                 ["--train-patches"], id="empssl: one patch"),
     # empssl_linear.py: what it checks in the embeddings files
-    if name == "linear: missing directory":
-        return (*linear(tmp_path / "nope"), ["not a folder"])
-    if name == "linear: wrong keys":
-        folder = write_embeddings(tmp_path / "e", x, y, x, y, classes)
-        torch.save({"features": x}, os.path.join(folder, "train.pt"))
-        return (*linear(folder), ["lacks the keys"])
-    if name == "linear: dims differ":
-        return (*linear(write_embeddings(tmp_path / "e", x, y, torch.randn(12, 6), y, classes)),
-                ["dim 8, test embeddings 6"])
-    if name == "linear: labels out of range":
-        return (*linear(write_embeddings(tmp_path / "e", x, y + 1, x, y, classes)), ["outside the 3 classes"])
-    if name == "linear: empty train set":
-        return (*linear(write_embeddings(tmp_path / "e", x[:0], y[:0], x, y, classes)), ["at least one embedding"])
-    if name == "linear: embedding dim flag":
-        return (*linear(write_embeddings(tmp_path / "e", x, y, x, y, classes), "--embedding-dim", 16),
-                ["--embedding-dim 16", "disagrees"])
-    raise KeyError(name)
+    pytest.param(lambda t: t.linear(t.tmp / "nope"), ["not a folder"], id="linear: missing directory"),
+    pytest.param(lambda t: t.linear(wrong_keys(t)), ["lacks the keys"], id="linear: wrong keys"),
+    pytest.param(lambda t: t.linear(t.embeddings(test_x=torch.randn(12, 6))), ["dim 8, test embeddings 6"],
+                 id="linear: dims differ"),
+    pytest.param(lambda t: t.linear(t.embeddings(train_y=torch.arange(12) % 3 + 1)), ["outside the 3 classes"],
+                 id="linear: labels out of range"),
+    pytest.param(lambda t: t.linear(t.embeddings(train_x=torch.randn(0, 8), train_y=torch.zeros(0, dtype=torch.long))),
+                 ["at least one embedding"], id="linear: empty train set"),
+    pytest.param(lambda t: t.linear(t.embeddings(), "--embedding-dim", 16), ["--embedding-dim 16", "disagrees"],
+                 id="linear: embedding dim flag"),
+    pytest.param(lambda t: t.linear(t.embeddings(), "--learning-rate", "nan"), ["--learning-rate must be a finite"],
+                 id="linear: lr nan"),
+]
 
 
-BAD_INPUTS = ["missing dataset", "no images", "corrupt image", "empty class folder", "cifar10 offline",
-              "resume missing checkpoint", "resume corrupt checkpoint", "resume foreign checkpoint",
-              "resume checkpoint of another model size", "output dir is a file", "mmcr: one view",
-              "mmcr: batch larger than training set", "finetune: EMP-SSL checkpoint", "finetune: class count",
-              "empssl: one patch", "linear: missing directory", "linear: wrong keys", "linear: dims differ",
-              "linear: labels out of range", "linear: empty train set", "linear: embedding dim flag"]
-
-
-@pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_one_line_exit_2(name, image_folder, trained_run, tmp_path):
-    script, args, phrases = bad_input(name, image_folder, trained_run, tmp_path)
-    proc = run_script(script, args, cwd=tmp_path)
+@e2e
+@pytest.mark.parametrize("case,phrases", BAD_INPUTS)
+def test_bad_input_one_line_exit_2(case, phrases, image_folder, tmp_path, capsys, monkeypatch):
+    # no download may reach the network
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    script, args = case(Case(tmp_path, image_folder))
+    proc = run_cli(script, args, capsys)
     assert_one_error_line(proc, script, *phrases)
-    assert not os.path.isdir(tmp_path / "run") or not os.path.exists(tmp_path / "run" / "last.pt")
+    assert not os.path.exists(tmp_path / "run" / "last.pt")
 
 
 # ----------------------------------------------------------------------------- bench.py
 
 
+@e2e
 def test_bench_runs_every_row(tmp_path):
     """bench.py at the smallest sizes: every benchmark runs and prints its rows (their numbers mean nothing here). A
     benchmark that breaks would otherwise first show on a lent GPU, whose minutes are few."""
@@ -1485,69 +1893,9 @@ def test_bench_runs_every_row(tmp_path):
     args = ["--device", "cpu", "--steps", "1", "--warmup", "0", "--train-steps", "1", "--batch-size", "2",
             "--num-views", "2", "--aug-views", "8", "--empssl-batch-size", "2", "--patches", "2",
             "--finetune-batch-size", "4", "--loader-workers", "1", "--loader-batches", "1"]
-    proc = run_script(os.path.join(REPO, "bench.py"), args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = assert_ok(run_script(os.path.join(REPO, "bench.py"), args, cwd=tmp_path))
     names = [line.split("  ")[0].strip() for line in proc.stdout.splitlines()[3:] if "  " in line]
     for b in bench.BENCHES:
         # each benchmark's first row is named after it: bench_mmcr_step prints "mmcr step ..."
         words = b.__name__[len("bench_"):].split("_")
         assert any(all(w in n for w in words) for n in names), (b.__name__, names)
-
-
-# ----------------------------------------------------------------------------- shared code
-
-# top-level definitions that each script has its own version of
-MAY_DIFFER = {"Config", "main", "check_config", "evaluate", "AUGMENT"}
-MAIN_BLOCK = "if __name__ == '__main__'"
-
-
-def top_level_definitions(path):
-    """{name: [source text]} of a script's top-level def and class statements (with their decorators), assignments
-    to a single name, and its `if __name__ == '__main__'` block. Comments above a definition are not part of it."""
-    with open(path) as f:
-        source = f.read()
-    found = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            name = node.name
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            name = node.target.id
-        elif isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'":
-            name = MAIN_BLOCK
-        else:
-            continue
-        decorators = ["@" + ast.get_source_segment(source, d) + "\n" for d in getattr(node, "decorator_list", [])]
-        found.setdefault(name, []).append("".join(decorators) + ast.get_source_segment(source, node))
-    return found
-
-
-def test_shared_definitions_are_identical():
-    """The scripts are copies by design: every top-level definition found in two or more of them must be the same
-    text everywhere (an edit to a shared block goes into every copy), except those in MAY_DIFFER."""
-    definitions = {os.path.basename(s): top_level_definitions(s) for s in SCRIPTS}
-    shared = {}
-    for script, defs in definitions.items():
-        for name, text in defs.items():
-            shared.setdefault(name, {})[script] = text
-    shared = {name: texts for name, texts in shared.items() if len(texts) > 1}
-    # the test sees the shared blocks (a parser that found nothing would pass vacuously)
-    assert {"load_image_folder", "augment", "load_dataset", "RunControl", "refuse_to_overwrite", "Gather",
-            MAIN_BLOCK} <= set(shared)
-    assert MAY_DIFFER <= set(shared), (
-        f"no longer defined in two scripts: {sorted(MAY_DIFFER - set(shared))}: drop from MAY_DIFFER")
-    problems = []
-    for name, texts in sorted(shared.items()):
-        if name in MAY_DIFFER:
-            continue
-        versions = {}
-        for script, text in texts.items():
-            versions.setdefault("\n\n".join(text), []).append(script)
-        if len(versions) > 1:
-            (a, a_scripts), (b, b_scripts) = list(versions.items())[:2]
-            diff = difflib.unified_diff(a.splitlines(), b.splitlines(), a_scripts[0], b_scripts[0], lineterm="", n=1)
-            problems.append(f"{name} differs between " + " / ".join(", ".join(s) for s in versions.values()) + ":\n"
-                            + "\n".join(list(diff)[:30]))
-    if problems:
-        pytest.fail("shared definitions that are not the same code:\n\n" + "\n\n".join(problems), pytrace=False)

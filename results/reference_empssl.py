@@ -81,7 +81,7 @@ def to_our_layout(reference_model, hidden_dim, projection_dim):
             state[".".join(["pre_feature", str(int(parts[2]) - 1), *parts[3:]])] = value
         else:
             state[key] = value
-    model = ours.EMPSSLModel(hidden_dim, projection_dim)
+    model = ours.EMPSSLModel(64, hidden_dim, projection_dim)
     # their hidden Linear layers have no bias: ours are zero
     for key in ("pre_feature.0.bias", "projector.0.bias"):
         state[key] = torch.zeros_like(model.state_dict()[key])
@@ -103,8 +103,8 @@ def main():
     # the same images, subsets and order as empssl_pretrain.py --dataset ... --limit-train ...
     cfg = ours.Config(dataset=os.path.abspath(args.dataset), data_dir=args.data_dir, limit_train=args.limit_train,
                       limit_test=args.limit_test, valid_patches=args.valid_patches, output_dir=args.output_dir)
-    xtr, ytr, xte, yte, classes = ours.load_dataset(cfg)
-    emp_ssl.data.CIFAR10 = image_folder_as_cifar10((xtr, xte), (ytr, yte))
+    data = ours.load_dataset(cfg)
+    emp_ssl.data.CIFAR10 = image_folder_as_cifar10((data.train_x, data.test_x), (data.train_y, data.test_y))
 
     # its defaults, from its own parser
     sys.argv = ["pretrain.py", "--dataset", args.dataset, *reference_args]
@@ -112,7 +112,8 @@ def main():
         sys.argv += ["--num-workers", str(args.num_workers)]
     config = PretrainConfig.from_command_line(reference.parse_arguments())
     cuda = torch.cuda.is_available()
-    # as its pretrain(), with validation and logging switched off
+    # As its pretrain(), with validation and logging switched off. deterministic="warn": the same cuDNN settings as
+    # its deterministic=True, but an op without a deterministic CUDA kernel in today's torch warns instead of failing.
     lightning.seed_everything(config.seed)
     data = emp_ssl.data.PretrainDataModule(config)
     knn = KNearestNeighbours(config.num_neighbours, config.temperature)
@@ -120,7 +121,7 @@ def main():
     module = PretrainModule(model, knn, config)
     trainer = lightning.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="16-mixed" if cuda else "32",
                                 max_epochs=config.max_epochs, logger=False, enable_checkpointing=False,
-                                deterministic=True, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10)
+                                deterministic="warn", limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10)
     start = time.time()
     trainer.fit(module, datamodule=data)
     train_seconds = time.time() - start
@@ -129,18 +130,17 @@ def main():
     model = to_our_layout(model.cpu(), config.hidden_dim, config.projection_dim)
     check_layout(module.model, model)
     device = torch.device("cuda" if cuda else "cpu")
-    model = model.to(device).to(memory_format=torch.channels_last)
-    mean = std = (0.5 / 255,) * 3
+    model = model.to(device, memory_format=torch.channels_last)
+    unscaled = (0.5 / 255,) * 3
+    aug = dict(ours.AUGMENT, size=32, norm=(unscaled, unscaled))
     cfg.num_neighbours, cfg.temperature, cfg.seed = config.num_neighbours, config.temperature, config.seed
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
-    data = tuple(t.to(device) for t in (xtr, ytr, xte, yte)) + (classes,)
-    aug = dict(ours.AUGMENT, compile=False)
+    ctx = ours.Context(device, "bf16" if cuda else "fp32")
     start = time.time()
-    top1, top5 = ours.evaluate(cfg, model, data, mean, std, aug, autocast, 0, 0, 1)
+    scores = ours.evaluate(cfg, model, data.to(device), aug, ctx)
     eval_seconds = time.time() - start
     torch.save(model.state_dict(), os.path.join(args.output_dir, "reference.pt"))
     metrics = {"train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-               "steps": trainer.global_step, "knn_top1": top1, "knn_top5": top5}
+               "steps": trainer.global_step, **scores}
     info = {"harness_args": vars(args), "reference_config": {k: str(v) for k, v in vars(config).items()},
             "reference_commit": git_commit(args.reference), "device": str(device),
             "precision": "16-mixed" if cuda else "32", "torch": torch.__version__, "lightning": lightning.__version__}
