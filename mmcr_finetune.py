@@ -205,19 +205,23 @@ def grayscale(x):
     return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
+def blend(x, factor, target):
+    """factor * x + (1 - factor) * target, clamped to [0, 1], a factor per view: torchvision's _blend, behind
+    brightness (target 0), contrast (the mean grey level) and saturation (the grey image)."""
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * x + (1 - factor) * target).clamp(0, 1)
+
+
 def adjust_brightness(x, b):
-    return (x * b.view(-1, 1, 1, 1)).clamp(0, 1)
+    return blend(x, b, 0.0)
 
 
 def adjust_contrast(x, c):
-    mean = grayscale(x).mean((1, 2, 3), keepdim=True)
-    c = c.view(-1, 1, 1, 1)
-    return (c * x + (1 - c) * mean).clamp(0, 1)
+    return blend(x, c, grayscale(x).mean((1, 2, 3), keepdim=True))
 
 
 def adjust_saturation(x, s):
-    s = s.view(-1, 1, 1, 1)
-    return (s * x + (1 - s) * grayscale(x)).clamp(0, 1)
+    return blend(x, s, grayscale(x))
 
 
 def adjust_hue(x, hue):
@@ -258,15 +262,20 @@ def color_jitter(x, factors, hue, order):
     """ColorJitter with per-view parameters: brightness, contrast and saturation factors (N, 3), hue (N,), and
     order (N, 4), the op at each position (0 brightness, 1 contrast, 2 saturation, 3 hue), as torchvision's
     ColorJitter applies them in a random order. Factors 1 and hue 0 leave a view as it is."""
-    position = order.argsort(1)
+    # the factor of the op at each position (1 at hue's), and whether the position comes after hue
+    at = torch.where(order < 3, factors.gather(1, order.clamp(max=2)), 1.0)
+    after = torch.arange(4, device=x.device) > order.argsort(1)[:, 3:]
+    kind = order.view(-1, 1, 4, 1, 1)
     for after_hue in (False, True):
         # the linear ops before hue sit at positions 0-2, those after it at 1-3
         for k in (range(1, 4) if after_hue else range(3)):
-            op = order[:, k:k + 1]
-            # at position k only the op found there runs (on this side of hue); the others get the exact identity
-            runs = (op == torch.arange(3, device=x.device)) & ((k > position[:, 3:]) == after_hue)
-            b, c, s = torch.where(runs, factors, 1.0).unbind(1)
-            x = adjust_saturation(adjust_contrast(adjust_brightness(x, b), c), s)
+            # At position k each view runs the one blend found there (if it falls on this side of hue), in one
+            # pass for all three kinds; the others get factor 1, an exact identity.
+            factor = torch.where(after[:, k] == after_hue, at[:, k], 1.0)
+            gray = grayscale(x)
+            target = torch.where(kind[:, :, k] == 0, 0.0,
+                                 torch.where(kind[:, :, k] == 1, gray.mean((1, 2, 3), keepdim=True), gray))
+            x = blend(x, factor, target)
         if not after_hue:
             x = adjust_hue(x, hue)
     return x
