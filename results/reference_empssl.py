@@ -115,7 +115,7 @@ def main():
     # As its pretrain(), with validation and logging switched off. deterministic="warn": the same cuDNN settings as
     # its deterministic=True, but an op without a deterministic CUDA kernel in today's torch warns instead of failing.
     lightning.seed_everything(config.seed)
-    data = emp_ssl.data.PretrainDataModule(config)
+    datamodule = emp_ssl.data.PretrainDataModule(config)
     knn = KNearestNeighbours(config.num_neighbours, config.temperature)
     model = ResNet18(config)
     module = PretrainModule(model, knn, config)
@@ -123,7 +123,7 @@ def main():
                                 max_epochs=config.max_epochs, logger=False, enable_checkpointing=False,
                                 deterministic="warn", limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10)
     start = time.time()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=datamodule)
     train_seconds = time.time() - start
 
     # our evaluation of its weights: inputs as it trained on them (pixels 0..255, then Normalize(0.5, 0.5))
