@@ -666,9 +666,9 @@ def batch(order, i, batch_size, ctx):
 
 
 def main(cfg, given=frozenset()):
-    ctx = setup(cfg)
-    # the output folder, locked for this run; with --resume, cfg now holds the run's recipe
-    control = RunControl(cfg, given, ctx)
+    # the run's recipe (the checkpoint's when resuming), its device and processes, its output folder (locked)
+    control = RunControl(cfg, given)
+    ctx = control.ctx
 
     # data: each split once on the device as uint8; the augmentation recipe with this run's flags
     with rank_zero_first(ctx):
@@ -724,7 +724,7 @@ def main(cfg, given=frozenset()):
         # the end of an epoch (a stop inside it skips this): bag-of-features kNN and embeddings, metrics, checkpoints
         if control.epoch_complete:
             due = (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs
-            control.end_epoch(evaluate(cfg, model, data, aug, ctx) if due else None)
+            control.end_epoch(lambda: evaluate(cfg, model, data, aug, ctx) if due else None)
     control.finish()
 
 
@@ -741,8 +741,9 @@ class Diverged(Exception):
     """Non-finite weights: one line on stderr, exit code 3."""
 
 
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM: one line on stderr (what was saved, how to continue), exit code 128 + the signal."""
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM: one line on stderr (what was saved, how to continue), exit code 128 + the signal. A
+    BaseException, as KeyboardInterrupt: no `except Exception` on its way may take it for an error."""
 
     def __init__(self, signum, message):
         super().__init__(message)
@@ -776,6 +777,7 @@ def check_config(cfg):
     # a run records where its data is, so that a resume finds it from any directory
     if cfg.dataset not in ("cifar10", "cifar100"):
         cfg.dataset = os.path.abspath(cfg.dataset)
+    cfg.data_dir = os.path.abspath(cfg.data_dir)
 
 
 def check_common(cfg):
@@ -855,9 +857,7 @@ def context(cfg, rank=0, world=1, ddp=False, cpu_group=None):
 
 
 def setup(cfg):
-    """check_config, then the Context, with DDP when torchrun set RANK: one process per GPU (NCCL) or per CPU
-    process (gloo)."""
-    check_config(cfg)
+    """The Context, with DDP when torchrun set RANK: one process per GPU (NCCL) or per CPU process (gloo)."""
     if "RANK" not in os.environ:
         return context(cfg)
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -904,34 +904,38 @@ def wrap(model, cfg, ctx):
 RESUME_MAY_CHANGE = {"max_epochs", "eval_every", "log_every", "checkpoint_minutes", "device", "precision", "compile",
                      "data_dir", "output_dir", "resume"}
 # What makes a folder hold a run (config.json and views.png alone do not: their run never saved)
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+RUN_FILES = ("last.pt", "best.pt")
 
 
 class RunControl:
-    """Everything around the training loop, so that main() shows the method: the output folder (locked while the run
-    lives), resume, the progress bar, timed saves, stop requests (Ctrl-C, SIGTERM), the divergence check, metrics.jsonl,
-    last.pt / best.pt and the epoch lines. Under DDP the ranks take every decision together."""
+    """Everything around the training loop, so that main() shows the method: the recipe (the checkpoint's when
+    resuming), the device and DDP (setup), the output folder (locked while the run lives), the progress bar, timed
+    saves, stop requests (Ctrl-C, SIGTERM), the divergence check, metrics.jsonl, last.pt / best.pt and the epoch lines.
+    Under DDP the ranks take every decision together."""
 
-    def __init__(self, cfg, given, ctx):
-        self.cfg, self.ctx, self.signals = cfg, ctx, []
+    def __init__(self, cfg, given):
+        self.cfg, self.signals, self.stopping = cfg, [], False
         for s in (signal.SIGINT, signal.SIGTERM):
             RunControl.handlers.setdefault(s, signal.getsignal(s))
             signal.signal(s, self.on_signal)
+        check_config(cfg)
         self.resume_path = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
         if cfg.resume == "auto" and not os.path.exists(self.resume_path):
             self.resume_path = ""
         self.resumed = load_checkpoint(self.resume_path, SCRIPT) if self.resume_path else None
-        # a resume continues the checkpoint's recipe; config.json records what it changed
+        # a resume continues the checkpoint's recipe (device and precision too, unless the command line changes them)
         self.changed = adopt_recipe(cfg, given, self.resumed, self.resume_path) if self.resumed else {}
-        # a resume goes on in the checkpoint's own folder unless --output-dir says otherwise
-        fresh = os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
-        cfg.output_dir = cfg.output_dir or (os.path.dirname(self.resume_path) if self.resumed else fresh)
+        self.ctx = setup(cfg)
         self.run_id = self.resumed.get("run_id") if self.resumed else uuid.uuid4().hex[:12]
-        if ctx.master:
-            RunControl.locks.append(claim_output_dir(cfg.output_dir, self.resumed, self.run_id, self.resume_path))
+        # a resume goes on in the checkpoint's own folder unless --output-dir says otherwise
+        own = os.path.dirname(os.path.abspath(self.resume_path)) if self.resumed else ""
+        cfg.output_dir = cfg.output_dir or own or os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
+        self.claim()
         self.step = self.resumed["step"] if self.resumed else 0
         self.best = self.resumed.get("best", {}) if self.resumed else {}
-        self.started, self.saved_step, self.stopping = self.step, None, False
+        # the step of the state that last.pt / best.pt hold
+        self.file_steps = {"last.pt": self.step} if self.resumed else {}
+        self.started, self.saved_step, self.pending, self.loss = self.step, None, False, torch.full((), math.nan)
         self.t_start = self.saved_at = time.time()
 
     # what release() gives back when the process is done with the run: signal handlers, output-folder locks
@@ -956,6 +960,22 @@ class RunControl:
                 lock.truncate()
                 lock.close()
 
+    def claim(self):
+        """Rank 0 claims the output folder (claim_output_dir); every rank learns the outcome, the same folder or the
+        same error."""
+        outcome = [self.cfg.output_dir, None]
+        if self.ctx.master:
+            try:
+                RunControl.locks.append(claim_output_dir(self.cfg.output_dir, self.resumed, self.run_id,
+                                                         self.resume_path))
+            except UserError as e:
+                outcome[1] = str(e)
+        if self.ctx.ddp:
+            dist.broadcast_object_list(outcome, src=0, group=self.ctx.cpu_group)
+        self.cfg.output_dir = outcome[0]
+        if outcome[1]:
+            raise UserError(outcome[1])
+
     def restore(self, **objects):
         """Resuming: load the checkpoint's saved states into the objects (model=..., optimizer=..., scaler=...)."""
         for name, obj in objects.items():
@@ -972,11 +992,20 @@ class RunControl:
     def start(self, checkpoint, model, steps_per_epoch, throughput, /, **info):
         """Before the first step: checkpoint() (the script's state to save), the model whose weights the divergence
         check reads, the steps per epoch, throughput (unit, count per step) for the progress bar and the metrics, and
-        config.json: every flag and `info` (a resume adds a record of itself to the run's config.json)."""
+        config.json: every flag and `info` (a resume adds a record of itself to the run's config.json). A resume from
+        an epoch's end whose line metrics.jsonl lacks (a stop during its evaluation) runs that epoch's end first."""
         self.checkpoint, self.model, self.steps_per_epoch = checkpoint, model, steps_per_epoch
         self.unit, self.per_step = throughput
+        if self.best.get("epoch"):
+            self.file_steps["best.pt"] = self.best["epoch"] * steps_per_epoch
+        pending = [False]
         if self.ctx.master:
             write_run_info(self.cfg, self.ctx, self.run_id, self.resumed, self.resume_path, self.changed, info)
+            at_epoch_end = self.step > 0 and self.step % steps_per_epoch == 0
+            pending[0] = bool(self.resumed) and at_epoch_end and self.step not in metrics_steps(self.cfg.output_dir)
+        if self.ctx.ddp:
+            dist.broadcast_object_list(pending, src=0, group=self.ctx.cpu_group)
+        self.pending = pending[0]
 
     def saved(self, key, epoch):
         """The checkpoint's `key` (a random state) if `epoch` continues from it in the middle, else None."""
@@ -985,7 +1014,7 @@ class RunControl:
 
     def epochs(self):
         """The epochs still to run; after a stop request, a Stopped exception instead (exit code 128 + signal)."""
-        epoch = self.step // self.steps_per_epoch
+        epoch = self.step // self.steps_per_epoch - self.pending
         self.agree()
         while not self.stopping and epoch < self.cfg.max_epochs:
             yield epoch
@@ -1021,7 +1050,7 @@ class RunControl:
             values = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in dict(loss=loss, **shown).items()}
             self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "lr": f"{lr:.2e}",
                                   f"{self.unit}/s": f"{rate:.0f}"})
-        stop, timed = self.agree()
+        stop, timed, _ = self.agree()
         if (stop or timed) and self.step < self.epoch_end:
             self.save("last.pt")
 
@@ -1029,28 +1058,31 @@ class RunControl:
     def epoch_complete(self):
         return self.step == self.epoch_end
 
-    def end_epoch(self, scores=None):
-        """After an epoch's last step: check the weights, add the epoch's line to metrics.jsonl (scores: what the
-        evaluation returned; best.pt keeps the best of its first value), save last.pt (and best.pt), print the line."""
-        self.check_finite()
+    def end_epoch(self, evaluate):
+        """After an epoch's last step: save last.pt (a long evaluation that fails or is killed loses no training), run
+        evaluate() (None, or scores: best.pt keeps the best of its first value), add the epoch's line to metrics.jsonl,
+        save best.pt (and last.pt, which records the best) when it improved, print the line."""
         seconds = elapsed(self.t_epoch, self.ctx.device)
         steps = self.step - self.first
-        stats = {"epoch": self.epoch + 1, "step": self.step, "loss": self.loss_sum.item() / steps, "lr": self.lr,
-                 **(scores or {}), "epoch_seconds": round(seconds, 3),
+        self.save("last.pt")
+        scores = evaluate() or {}
+        self.pending = False
+        stats = {"epoch": self.epoch + 1, "step": self.step, "loss": self.loss_sum.item() / steps if steps else None,
+                 "lr": self.lr if steps else None, **scores, "epoch_seconds": round(seconds, 3),
                  f"{self.unit}_per_second": round(steps * self.per_step / seconds, 1)}
-        key = next(iter(scores or {}), None)
+        key = next(iter(scores), None)
         improved = key is not None and scores[key] > self.best.get(key, -math.inf)
         if improved:
             self.best = dict(scores, epoch=self.epoch + 1)
-        # metrics first: a kill before the checkpoint only makes a resume repeat this epoch (and drop this line)
         if self.ctx.master:
             append_metrics(self.cfg.output_dir, stats)
-        # a stop requested during the evaluation ends the run after this save
-        self.agree()
-        self.save(*(["best.pt"] if improved else []), "last.pt")
+        # a stop requested during the evaluation ends the run after this epoch; every rank saves when rank 0 improved
+        if self.agree(improved)[2]:
+            self.save("best.pt", "last.pt")
         if self.ctx.master:
             shown = " ".join(f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.2f}"
-                             for k, v in stats.items() if k not in ("epoch", "step") and "second" not in k)
+                             for k, v in stats.items() if v is not None and k not in ("epoch", "step")
+                             and "second" not in k)
             print(f"epoch {self.epoch + 1}/{self.cfg.max_epochs} step {self.step} {shown} {seconds:.1f}s "
                   f"{stats[f'{self.unit}_per_second']:.0f} {self.unit}/s", flush=True)
 
@@ -1061,11 +1093,11 @@ class RunControl:
             print(f"done: best {best or '-'} (epoch {self.best.get('epoch', '-')}) in "
                   f"{time.time() - self.t_start:.1f}s; checkpoints in {self.cfg.output_dir}")
 
-    def agree(self):
-        """(stop, timed save): a stop was requested; --checkpoint-minutes have passed since the last save (rank 0's
-        clock). Decided on the host at every step, with no GPU sync, and all-reduced under DDP."""
+    def agree(self, vote=False):
+        """(stop, timed save, vote): a stop was requested; --checkpoint-minutes have passed since the last save (rank
+        0's clock); some rank voted. Decided on the host at every step, with no GPU sync, and all-reduced under DDP."""
         minutes = self.cfg.checkpoint_minutes
-        flags = [len(self.signals) > 0, self.ctx.master and 0 < minutes <= (time.time() - self.saved_at) / 60]
+        flags = [len(self.signals) > 0, self.ctx.master and 0 < minutes <= (time.time() - self.saved_at) / 60, vote]
         if self.ctx.ddp:
             votes = torch.tensor(flags, dtype=torch.float)
             dist.all_reduce(votes, group=self.ctx.cpu_group)
@@ -1074,32 +1106,35 @@ class RunControl:
         return flags
 
     def check_finite(self):
-        """Diverged once the weights are not finite (their sum is not); a GPU sync, so at log steps and epoch ends."""
+        """Diverged once the weights are not finite (their sum is not): a GPU sync, so at log steps and saves only."""
         weights = sum(p.detach().float().sum() for p in self.model.parameters())
         bad = (~torch.isfinite(weights)).float()
         if self.ctx.ddp:
             dist.all_reduce(bad)
         if bad.item():
             raise Diverged(f"training diverged at step {self.step}: the loss is {self.loss.item():.4g} and the weights "
-                           f"are no longer finite; {self.kept()}. Try a lower --learning-rate, or --precision bf16 or "
-                           f"fp32 if this ran in fp16")
+                           f"are no longer finite; {self.kept()}. Try a lower --learning-rate in a new "
+                           f"--output-dir, or --precision bf16 or fp32 if this ran in fp16 (a resume may change it)")
 
     def save(self, *names):
-        """Write the checkpoint of this step as each of names (rank 0; every rank builds it, a collective under DDP)."""
+        """Write the checkpoint of this step as each of names (rank 0; every rank builds it, a collective under DDP),
+        never with weights that are not finite."""
+        self.check_finite()
         ckpt = dict(self.checkpoint(), script=SCRIPT, run_id=self.run_id, step=self.step,
                     epoch=self.step // self.steps_per_epoch, best=self.best, config=dataclasses.asdict(self.cfg))
         if self.ctx.master:
             for name in names:
                 atomic_save(ckpt, os.path.join(self.cfg.output_dir, name))
+                self.file_steps[name] = self.step
         self.saved_step, self.saved_at = self.step, time.time()
 
     def kept(self):
         """What the run folder holds to go on from, in words."""
-        kept = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(self.cfg.output_dir, f))]
+        kept = [f"{name} (step {self.file_steps.get(name, '?')})" for name in ("last.pt", "best.pt")
+                if os.path.exists(os.path.join(self.cfg.output_dir, name))]
         if not kept:
             return "nothing was saved, so the folder can take a new run"
-        step = self.saved_step if self.saved_step is not None else self.resumed["step"] if self.resumed else "?"
-        return f"{' and '.join(kept)} in {self.cfg.output_dir} keep the state of step {step}"
+        return f"{' and '.join(kept)} in {self.cfg.output_dir} keep the last finite state"
 
     def stopped(self):
         signum = self.signals[0] if self.signals else signal.SIGTERM
@@ -1195,8 +1230,8 @@ def folder_run_id(output_dir):
 
 def write_run_info(cfg, ctx, run_id, resumed, resume_path, changed, info):
     """config.json: the run id, every flag and what was derived from them (`info`), also printed. A resume keeps the
-    run's config.json and appends a record: when, from which checkpoint and step, which flags it changed. On resume
-    metrics.jsonl keeps only the lines up to the checkpoint's step, so that no epoch is listed twice."""
+    run's config.json and appends a record: when, from which checkpoint and step, which flags it changed.
+    metrics.jsonl keeps only the lines up to the checkpoint's step (none for a new run), so no epoch is listed twice."""
     path = os.path.join(cfg.output_dir, "config.json")
     derived = dict(world_size=ctx.world, device=str(ctx.device), precision_used=ctx.precision, **info)
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -1210,17 +1245,31 @@ def write_run_info(cfg, ctx, run_id, resumed, resume_path, changed, info):
                   **{k: derived[k] for k in ("world_size", "device", "precision_used")}}
         run.setdefault("resumes", []).append(record)
         print(f"resumed from {resume_path} at step {resumed['step']}" + (f", changing {changed}" if changed else ""))
-        keep_metrics_until(cfg.output_dir, resumed["step"])
+    keep_metrics_until(cfg.output_dir, resumed["step"] if resumed else 0)
     atomic_write(path, lambda tmp: write_text(tmp, json.dumps(run, indent=2)))
     print(json.dumps(dict(dataclasses.asdict(cfg), **derived)))
+
+
+def metrics_lines(output_dir):
+    """The lines of metrics.jsonl as dicts; a line that is not JSON (cut off by a crash) is left out."""
+    lines = []
+    with contextlib.suppress(FileNotFoundError):
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    lines.append(json.loads(line))
+    return [line for line in lines if isinstance(line, dict) and isinstance(line.get("step"), int)]
+
+
+def metrics_steps(output_dir):
+    return {line["step"] for line in metrics_lines(output_dir)}
 
 
 def keep_metrics_until(output_dir, step):
     path = os.path.join(output_dir, "metrics.jsonl")
     if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write(path, lambda tmp: write_text(tmp, "".join(kept)))
+        kept = "".join(json.dumps(line) + "\n" for line in metrics_lines(output_dir) if line["step"] <= step)
+        atomic_write(path, lambda tmp: write_text(tmp, kept))
 
 
 def append_metrics(output_dir, stats):
@@ -1230,9 +1279,11 @@ def append_metrics(output_dir, stats):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror})")
+    line = (json.dumps(stats) + "\n").encode()
     try:
         size = os.fstat(fd).st_size
-        os.write(fd, (json.dumps(stats) + "\n").encode())
+        if os.write(fd, line) != len(line):
+            raise OSError(28, "a short write")
     except OSError as e:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, size)
@@ -1290,7 +1341,11 @@ def atomic_write(path, write):
     tmp = path + ".tmp"
     try:
         write(tmp)
+        # on disk before the rename, so that a power cut or a crashed machine also leaves the old file or the new one
+        fsync(tmp)
         os.replace(tmp, path)
+        with contextlib.suppress(OSError):
+            fsync(os.path.dirname(os.path.abspath(path)))
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -1299,6 +1354,14 @@ def atomic_write(path, write):
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or ["?"])[-1]
         kept = f"; the previous {os.path.basename(path)} is unchanged" if os.path.exists(path) else ""
         raise UserError(f"cannot write {path} ({reason.strip()[:160]}: is the disk full or read-only?){kept}") from None
+
+
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path, text):
@@ -1417,15 +1480,22 @@ def cli(argv=None):
         code, message = 3, f"{os.path.basename(__file__)}: error: {e}"
     except Stopped as e:
         code, message = 128 + e.signum, str(e)
+    except dist.DistBackendError:
+        # under torchrun: another process ended (rank 0 says why), which broke this one's collective
+        code, message = 1, f"{os.path.basename(__file__)}: rank {dist.get_rank()}: stopped, as another process ended"
     finally:
         RunControl.release()
         # a progress bar left open would take the message onto its line
         for bar in list(getattr(tqdm, "_instances", [])):
             bar.close()
-    if message:
+    # under torchrun rank 0 speaks for all ranks, which reach the same end
+    ddp = dist.is_available() and dist.is_initialized()
+    if message and (not ddp or dist.get_rank() == 0 or code == 1):
         print(message, file=sys.stderr)
-    if dist.is_available() and dist.is_initialized() and code in (0, 130, 143):
-        dist.destroy_process_group()
+    if ddp:
+        # a process group left to the interpreter's exit aborts the process
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
     return code
 
 
