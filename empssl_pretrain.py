@@ -986,8 +986,7 @@ class RunControl:
             try:
                 obj.load_state_dict(state)
             except (KeyError, RuntimeError, ValueError, TypeError) as e:
-                problem = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
-                raise UserError(f"{self.resume_path}: its {name} does not fit this script's: {problem[:200]}")
+                raise UserError(f"{self.resume_path}: its {name} does not fit this script's: {problem_of(e)}")
 
     def start(self, checkpoint, model, steps_per_epoch, throughput, /, **info):
         """Before the first step: checkpoint() (the script's state to save), the model whose weights the divergence
@@ -1080,16 +1079,13 @@ class RunControl:
         if self.agree(improved)[2]:
             self.save("best.pt", "last.pt")
         if self.ctx.master:
-            shown = " ".join(f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.2f}"
-                             for k, v in stats.items() if v is not None and k not in ("epoch", "step")
-                             and "second" not in k)
+            shown = in_words({k: v for k, v in stats.items() if k not in ("epoch", "step") and "second" not in k})
             print(f"epoch {self.epoch + 1}/{self.cfg.max_epochs} step {self.step} {shown} {seconds:.1f}s "
                   f"{stats[f'{self.unit}_per_second']:.0f} {self.unit}/s", flush=True)
 
     def finish(self):
         if self.ctx.master:
-            best = " ".join(f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2f}" for k, v in self.best.items()
-                            if k != "epoch")
+            best = in_words({k: v for k, v in self.best.items() if k != "epoch"})
             print(f"done: best {best or '-'} (epoch {self.best.get('epoch', '-')}) in "
                   f"{time.time() - self.t_start:.1f}s; checkpoints in {self.cfg.output_dir}")
 
@@ -1145,6 +1141,18 @@ class RunControl:
         launcher = f"torchrun --nproc_per_node {self.ctx.world}" if self.ctx.ddp else "python"
         return Stopped(signum, f"interrupted: {what}; continue with {launcher} {shlex.quote(sys.argv[0])} "
                                f"--resume auto --output-dir {shlex.quote(self.cfg.output_dir)}")
+
+
+def in_words(values):
+    """'loss -4.1234 lr 1.00e-03 knn_top1 57.20': metrics for a log line (None left out)."""
+    return " ".join(f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.2f}"
+                    for k, v in values.items() if v is not None)
+
+
+def problem_of(error):
+    """The line of a load_state_dict error that says what is wrong (its first line only names the module)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[min(1, len(lines) - 1)][:200]
 
 
 def adopt_recipe(cfg, given, ckpt, path):
