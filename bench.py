@@ -306,7 +306,7 @@ def bench_finetune_step(args, device):
 
     rows = []
     for finetune_type in ("linear", "backbone+linear"):
-        model = mmcr_finetune.Classifier(64, 10, frozen=finetune_type == "linear")
+        model = mmcr_finetune.Classifier(mmcr_finetune.ResNet18(64), 10, frozen=finetune_type == "linear")
         model = model.to(device, memory_format=torch.channels_last)
         trained = [q for q in model.parameters() if q.requires_grad]
         optimizer = torch.optim.Adam(trained, lr=0.01, fused=device.type == "cuda")

@@ -11,38 +11,41 @@ augmented there in one batch, so the GPU, not PIL on CPU workers, sets the speed
     python mmcr_pretrain.py --resume auto --output-dir runs/mmcr/c10    # continue it after a stop or a crash
     torchrun --nproc_per_node 4 mmcr_pretrain.py              # same script, 4 GPUs (--batch-size is global)
     python mmcr_finetune.py --checkpoint runs/mmcr/c10/best.pt
+A one-minute try on a CPU (CIFAR-10 as an ImageFolder, or any other): 512 images, 4 views, one epoch, then kNN
+    python mmcr_pretrain.py --dataset path/to/cifar10 --limit-train 512 --limit-test 500 --batch-size 32 \\
+        --num-views 4 --max-epochs 1 --output-dir runs/try/mmcr
 
 Where to edit (a copy of this file is a complete program):
     the loss          mmcr_loss() in "loss"; main() calls it once, loss = mmcr_loss(z, cfg.lmbda), with z of shape
                       (images, views, dim)
     an augmentation   the op as a function in "augmentation", one line in augment_views(), its parameters in AUGMENT
-    the model         ResNet18 and MMCRModel in "model" (--width widens the backbone; checkpoints record the
-                      architecture, which mmcr_finetune.py builds)
+    the backbone      ResNet18 in "model", built in MMCRModel as ResNet18(width); another class Net(width) with a
+                      feature_dim fine-tunes too (mmcr_finetune.py --model-from this file)
     the recipe        Config below: every field is a flag
-    the loop          main(): data -> views -> model -> loss -> backward -> optimizer step, then the epoch end
-Everything below the "plumbing" line (flags, run folders, resume, DDP, files) can stay unread.
+    the loop          main(): data -> views -> model -> loss -> backward -> optimizer step, log steps, the epoch end
+Everything below the "plumbing" line (flag checks, DDP, the run folder, checkpoint files) can stay unread.
 
 Outputs in --output-dir: config.json, metrics.jsonl, views.png, last.pt (resumable), best.pt (best kNN top-1).
 Exit codes: 0 done, 2 bad input or an unwritable file (one line on stderr), 3 training diverged, 128 + signal after
 Ctrl-C / SIGTERM.
 """
+import argparse
 import contextlib
 import dataclasses
 import datetime
-import fractions
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
 import shlex
+import shutil
 import signal
-import socket
 import sys
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -79,9 +82,9 @@ class Config:
     lmbda: float = arg(0.0, "weight of the mean per-image nuclear norm (0 in the paper's CIFAR runs)")
     grayscale_prob: float = arg(0.1, "probability of a grayscale view (0.1: the reference's RandomGrayscale(); "
                                 "0.2: the MMCR paper)")
-    solarize_threshold: float = arg(1 / 255, "solarize inverts pixels >= this, in [0, 1]: 1/255 is what the "
-                                    "reference's RandomSolarize(0.5) does to uint8 PIL images (a colour negative); "
-                                    "0.5: the textbook solarize")
+    solarize_threshold: int = arg(1, "solarize inverts pixels >= this many levels of 255: 1 is what the reference's "
+                                  "RandomSolarize(0.5) does to uint8 PIL images (a colour negative); 128: the "
+                                  "textbook solarize")
     num_neighbours: int = arg(200, "k of the weighted kNN monitor")
     temperature: float = arg(0.5, "temperature of the weighted kNN monitor")
     eval_every: int = arg(1, "kNN evaluation every this many epochs (0: only after the last, always done)")
@@ -91,18 +94,18 @@ class Config:
                          "copy of CIFAR-10 normalised as the reference does); dataset: the training set's own")
     # the run: where, how, how often
     data_dir: str = arg("./data", "where CIFAR is downloaded and decoded ImageFolders are cached")
-    output_dir: str = arg("", "run folder (default runs/mmcr/<timestamp>); one that holds a run needs --resume")
-    resume: str = arg("", "a checkpoint to resume from, or 'auto' for <output-dir>/last.pt if it exists; the run "
-                      "continues with the checkpoint's recipe")
+    output_dir: str = arg("", "the run's folder (default: runs/mmcr/<date>-<time>); one with a run needs --resume")
+    resume: str = arg("", "a checkpoint to continue, or 'auto': <output-dir>/last.pt if there is one (default: a new "
+                      "run); the run keeps the checkpoint's recipe")
     limit_train: int = arg(0, "use a random subset of this many training images (0 = all)")
     limit_test: int = arg(0, "use a random subset of this many test images (0 = all)")
     device: str = arg("auto", "auto, cuda or cpu")
     precision: str = arg("auto", "auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
     compile: bool = arg(False, "torch.compile the model and the augmentation")
-    log_every: int = arg(50, "steps between progress-bar updates, the loop's only host syncs (and steps 1, 2, 4...)")
-    checkpoint_minutes: float = arg(30.0, "also save last.pt inside an epoch this many minutes after the last save "
-                                    "(0: only at epoch ends)")
-    seed: int = arg(42, "random seed")
+    log_every: int = arg(50, "most steps between log steps, the loop's only host syncs (they also come every 2 s)")
+    checkpoint_minutes: float = arg(30.0, "also save last.pt at the first log step this many minutes after the last "
+                                    "save (0: only at epoch ends)")
+    seed: int = arg(42, "random seed, 0 to 2^32 - 1")
 
 
 # ----------------------------------------------------------------------------- data
@@ -158,6 +161,65 @@ def load_dataset(cfg):
             keep = torch.randperm(len(split[i][0]), generator=torch.Generator().manual_seed(0))[:limit]
             split[i] = (split[i][0][keep], split[i][1][keep])
     return Data(*split[0], *split[1], list(classes))
+
+
+def load_image_folder(root, image_size, cache_dir):
+    """Decode root/<class>/* once into uint8 (N, 3, S, S): RGB, the shorter side resized to S, centre-cropped. The
+    result is cached in cache_dir, keyed by the file list, sizes and mtimes; a broken cache is decoded again."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    # like torchvision's ImageFolder: non-images are skipped, a class without images is an error
+    files = [(os.path.join(d, n), label) for label, c in enumerate(classes)
+             for d, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True))
+             for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
+    if not files:
+        raise UserError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
+    labels = [label for _, label in files]
+    empty = [os.path.join(root, c) for i, c in enumerate(classes) if i not in set(labels)]
+    if empty:
+        raise UserError(f"no images in the class folders {empty[:5]}")
+    listing = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f, _ in files]
+    key = hashlib.sha1(repr((os.path.abspath(root), image_size, listing)).encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, f"imagefolder-{key}.pt")
+    try:
+        d = torch.load(cache, weights_only=True)
+        if d["images"].shape == (len(files), 3, image_size, image_size) and d["labels"].tolist() == labels:
+            return d["images"], d["labels"], d["classes"]
+        raise ValueError("it does not match the image folder")
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except Exception as e:
+        print(f"warning: cannot use the cached decoded images {cache} ({type(e).__name__}: {str(e)[:100]}); "
+              f"decoding again", file=sys.stderr)
+    images, unreadable = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8), []
+    for i, (path, _) in enumerate(tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1, leave=False)):
+        try:
+            with Image.open(path) as im:
+                # grayscale, palette and RGBA all occur in the wild
+                im = im.convert("RGB")
+                # the shorter side to image_size, then the centre crop
+                s = image_size / min(im.size)
+                w, h = max(image_size, round(im.size[0] * s)), max(image_size, round(im.size[1] * s))
+                left, top = (w - image_size) // 2, (h - image_size) // 2
+                im = im.resize((w, h), Image.BICUBIC).crop((left, top, left + image_size, top + image_size))
+                pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+                images[i] = pixels.view(image_size, image_size, 3).permute(2, 0, 1)
+        except Exception as e:
+            unreadable.append(f"{path} ({e})")
+    if unreadable:
+        more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+        raise UserError(f"cannot read {len(unreadable)} images: {'; '.join(unreadable[:10])}{more}")
+    labels = torch.tensor(labels)
+    # the cache is optional: a full or read-only --data-dir costs a decoding next time, not this run
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with atomic_open(cache) as f:
+            torch.save({"images": images, "labels": labels, "classes": classes}, f)
+    except (OSError, UserError) as e:
+        print(f"warning: cannot cache the decoded images in {cache_dir} ({e}); the next run decodes again",
+              file=sys.stderr)
+    return images, labels, classes
 
 
 # CIFAR-10's std is the reference's (0.2023, ...), widely copied from kuangliu/pytorch-cifar; the dataset's own
@@ -233,18 +295,6 @@ def blend(x, factor, target):
     brightness (target 0), contrast (the mean grey level) and saturation (the grey image)."""
     factor = factor.view(-1, 1, 1, 1)
     return (factor * x + (1 - factor) * target).clamp(0, 1)
-
-
-def adjust_brightness(x, b):
-    return blend(x, b, 0.0)
-
-
-def adjust_contrast(x, c):
-    return blend(x, c, grayscale(x).mean((1, 2, 3), keepdim=True))
-
-
-def adjust_saturation(x, s):
-    return blend(x, s, grayscale(x))
 
 
 def adjust_hue(x, hue):
@@ -357,6 +407,12 @@ def augment(images, gen, aug):
     return (compiled(augment_views) if aug.get("compile") else augment_views)(images, numbers, mean, std, aug)
 
 
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    """torch.compile(fn), made once per function; a run's shapes are fixed, so no dynamic shapes."""
+    return torch.compile(fn, dynamic=False)
+
+
 def augment_views(images, numbers, mean, std, aug):
     """uint8 images (N, 3, H, W) and DRAWS uniform numbers per view -> the views, normalised with the (1, 3, 1, 1)
     tensors mean and std.
@@ -377,14 +433,14 @@ def augment_views(images, numbers, mean, std, aug):
     x = color_jitter(x, *sample_jitter(draws, aug["jitter"], aug["p_jitter"]))
     x = where(draws.coin(aug["p_gray"]), grayscale(x).expand(-1, 3, -1, -1), x)
     x = where(draws.coin(aug["p_blur"]), aug["blur"](x, draws.uniform(0.1, 2.0)), x)
-    x = where(draws.coin(aug["p_solarize"]), solarize(x, aug["solarize_threshold"]), x)
+    x = where(draws.coin(aug["p_solarize"]), solarize(x, aug["solarize_threshold"] / 255), x)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 # The reference's transforms run on PIL images, so RandomSolarize(0.5) compares uint8 values 0..255 with 0.5 and
-# inverts every pixel >= 1: 1/255 here. RandomGrayscale() without p is torchvision's default p = 0.1.
+# inverts every pixel >= 1 (solarize_threshold is in levels of 255). RandomGrayscale() without p is torchvision's p 0.1.
 AUGMENT = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.1,
-               p_blur=0.1, blur=gaussian_blur, p_solarize=0.2, solarize_threshold=1 / 255)
+               p_blur=0.1, blur=gaussian_blur, p_solarize=0.2, solarize_threshold=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -409,8 +465,8 @@ def save_views(images, views, norm, path, rows=8, columns=8):
     shown = (views.float() * std + mean).clamp(0, 1).view(len(images), -1, 3, size, size)[:rows, :columns]
     originals = F.interpolate(images[:rows].float() / 255, size=(size, size), mode="bilinear", antialias=True)
     grid = torch.cat([originals[:, None], shown], 1).flatten(0, 1).cpu()
-    atomic_write(path, lambda tmp: torchvision.utils.save_image(grid, tmp, nrow=1 + shown.shape[1], padding=1,
-                                                                format="png"))
+    with atomic_open(path) as f:
+        torchvision.utils.save_image(grid, f, nrow=1 + shown.shape[1], padding=1, format="png")
 
 
 # ----------------------------------------------------------------------------- model
@@ -439,19 +495,20 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """torchvision's ResNet18 (its layer names and initialisation) for 32x32 images: a 3x3 stride-1 stem, no max-pool,
-    no classifier. `width` channels in the first stage, 8 x width features (64: the standard ResNet18, 512-d)."""
+    no classifier. `width` channels in the first stage, 8 x width features (64: the standard ResNet18, 512-d);
+    `blocks` per stage (2, 2, 2, 2: ResNet18; 3, 4, 6, 3: ResNet34's shape)."""
 
-    def __init__(self, width=64):
+    def __init__(self, width=64, blocks=(2, 2, 2, 2)):
         super().__init__()
-        self.width = width
-        self.feature_dim = 8 * width
+        self.width, self.blocks, self.feature_dim = width, list(blocks), 8 * width
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, width, 1))
-        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 2 * width, 1))
-        self.layer3 = nn.Sequential(BasicBlock(2 * width, 4 * width, 2), BasicBlock(4 * width, 4 * width, 1))
-        self.layer4 = nn.Sequential(BasicBlock(4 * width, 8 * width, 2), BasicBlock(8 * width, 8 * width, 1))
+        channels = [width, width, 2 * width, 4 * width, 8 * width]
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            nn.Sequential(BasicBlock(channels[i], channels[i + 1], 1 if i == 0 else 2),
+                          *[BasicBlock(channels[i + 1], channels[i + 1], 1) for _ in range(n - 1)])
+            for i, n in enumerate(blocks))
         # torchvision's initialisation; the stem keeps PyTorch's default, as in the reference code, which replaces
         # torchvision's 7x7 stem after building the network
         for m in self.modules():
@@ -465,7 +522,7 @@ class ResNet18(nn.Module):
 
 
 class MMCRModel(nn.Module):
-    """ResNet18 -> projector Linear (no bias)-BN-ReLU-Linear: z, the embedding the loss sees."""
+    """A backbone (ResNet18) -> projector Linear (no bias)-BN-ReLU-Linear: z, the embedding the loss sees."""
 
     def __init__(self, width, projection_dim):
         super().__init__()
@@ -473,8 +530,10 @@ class MMCRModel(nn.Module):
         hidden = 2 * projection_dim
         self.projector = nn.Sequential(nn.Linear(self.backbone.feature_dim, hidden, bias=False),
                                        nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, projection_dim))
-        # what mmcr_finetune.py reads from a checkpoint to rebuild the backbone
-        self.architecture = {"backbone": type(self.backbone).__name__, "width": width,
+        # what mmcr_finetune.py reads from a checkpoint to rebuild the backbone: its class and the file that defines it,
+        # built as Class(width), and a ResNet18's blocks
+        self.architecture = {"backbone": type(self.backbone).__name__, "file": os.path.abspath(__file__),
+                             "width": width, "blocks": getattr(self.backbone, "blocks", None),
                              "feature_dim": self.backbone.feature_dim, "projection_dim": projection_dim}
 
     def forward(self, x):
@@ -505,21 +564,19 @@ def mmcr_loss(z, lmbda=0.0):
 
 
 class Gather(torch.autograd.Function):
-    """all_gather along dim 0 with a backward that sums every rank's gradient and returns this rank's slice.
-
-    Every rank computes the same global loss from the gathered tensor, so the summed gradient is
-    world_size x the one-process gradient; DDP's average over ranks cancels that factor.
-    """
+    """all_gather along dim 0, whose backward sums every rank's gradient and returns this rank's slice: every rank
+    computes the same global loss from the gathered tensor, so the sum is world_size x the one-process gradient, which
+    DDP's average over the ranks cancels."""
 
     @staticmethod
     def forward(ctx, x):
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, 0)
+        return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad):
-        # the gradients of transposed uses arrive strided
+        # (a transposed use sends a strided gradient)
         grad = grad.contiguous()
         dist.all_reduce(grad)
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
@@ -527,27 +584,31 @@ class Gather(torch.autograd.Function):
 
 def gather(z):
     """Concatenate z over all DDP ranks along dim 0, with autograd (identity without DDP)."""
-    return Gather.apply(z) if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else z
+    return Gather.apply(z) if dist.is_initialized() and dist.get_world_size() > 1 else z
 
 
 # ----------------------------------------------------------------------------- eval
 
 
 @torch.no_grad()
-def extract_features(backbone, images, norm, split, batch_size=1024):
+def extract_features(backbone, images, norm, split):
     """Backbone features of uint8 images (no augmentation), in chunks, in eval mode, with a progress bar."""
     was_training = backbone.training
     backbone.eval()
-    chunks = tqdm(images.split(batch_size), desc=f"features of {split}", leave=False, mininterval=1)
-    features = torch.cat([backbone(normalize(chunk, norm)).float() for chunk in chunks])
+    features = []
+    with tqdm(total=len(images), desc=f"backbone features of the {split} images", unit="img", leave=False) as bar:
+        # chunks that a CPU computes in a second or so, so that the bar moves
+        for chunk in images.split(1024 if images.is_cuda else 64):
+            features.append(backbone(normalize(chunk, norm)).float())
+            bar.update(len(chunk))
     backbone.train(was_training)
-    return features
+    return torch.cat(features)
 
 
 def evaluate(cfg, model, data, aug, ctx):
-    """{knn_top1, knn_top5} (%) of the backbone's features of the plain images, on rank 0 (None on the others)."""
+    """{knn_top1, knn_top5} (%) of the backbone's features of the plain images, on rank 0 ({} on the others)."""
     if not ctx.master:
-        return None
+        return {}
     with ctx.autocast:
         train = extract_features(model.backbone, data.train_x, aug["norm"], "train")
         test = extract_features(model.backbone, data.test_x, aug["norm"], "test")
@@ -572,15 +633,27 @@ def batch(order, i, batch_size, ctx):
     return order[i * batch_size + ctx.rank * local:][:local]
 
 
+def epoch_order(n, seed, epoch, device):
+    """The epoch's order of the training set, and below each step's random stream: pure functions of the seed and the
+    epoch or step (and rank), so that a resumed run sees the same data and views without saving a random state."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(device)
+
+
+def step_seed(seed, step, rank):
+    return (seed * 100003 + step) * 1024 + rank
+
+
 def main(cfg, given=frozenset()):
-    # the run's recipe (the checkpoint's when resuming), its device and processes, its output folder (locked)
-    control = RunControl(cfg, given)
-    ctx = control.ctx
+    # the run: a resume continues its checkpoint's recipe; this process's device and DDP rank; the run folder, locked
+    cfg = check_config(cfg)
+    cfg, ckpt, changed = load_resume(cfg, given)
+    ctx = setup(cfg)
+    cfg.output_dir, lock = claim_output_dir(cfg, ckpt, ctx)
 
     # data: each split once on the device as uint8; the augmentation recipe with this run's flags
     with rank_zero_first(ctx):
         data = load_dataset(cfg).to(ctx.device)
-    fit_batch_size(cfg, given, len(data.train_x), ctx)
+    cfg.batch_size = fit_batch_size(cfg, given, len(data.train_x), ctx)
     aug = dict(AUGMENT, p_gray=cfg.grayscale_prob, solarize_threshold=cfg.solarize_threshold, size=cfg.image_size,
                norm=normalization(cfg.normalize, cfg.dataset, data.train_x), compile=cfg.compile)
     # the last partial batch is dropped
@@ -588,53 +661,87 @@ def main(cfg, given=frozenset()):
     total_steps = cfg.max_epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_duration * total_steps)
 
-    # model, optimizer, and their state when resuming
+    # model and optimizer; a resume loads their states and goes on from the checkpoint's step
     model = MMCRModel(cfg.width, cfg.projection_dim).to(ctx.device, memory_format=torch.channels_last)
     # fused: one kernel, and no host sync under fp16
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                  fused=ctx.device.type == "cuda")
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
-    gen = torch.Generator(ctx.device)
-    control.restore(model=model, optimizer=optimizer, scaler=scaler)
+    step, best, run_id = load_states(ckpt, model=model, optimizer=optimizer, scaler=scaler)
     net = wrap(model, cfg, ctx)
+    gen = torch.Generator(ctx.device)
 
-    def checkpoint():
-        """This script's state for last.pt / best.pt (the run control adds the step, the config and the best kNN)."""
-        return {"model": model.state_dict(), "architecture": model.architecture, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "aug_rng": rng_states(gen, ctx), "classes": data.classes,
-                "norm": aug["norm"]}
+    def state():
+        """What last.pt (and best.pt) hold: all that a resume needs."""
+        return dict(script=SCRIPT, run_id=run_id, config=dataclasses.asdict(cfg), step=step, best=best,
+                    running=running.cpu(), model=model.state_dict(), architecture=model.architecture,
+                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), classes=data.classes,
+                    norm=aug["norm"])
 
-    control.start(checkpoint, model, steps_per_epoch, ("views", cfg.batch_size * cfg.num_views),
-                  num_train=len(data.train_x), num_test=len(data.test_x), num_classes=len(data.classes),
-                  steps_per_epoch=steps_per_epoch, norm=aug["norm"])
-    for epoch in control.epochs():
+    # config.json; from here Ctrl-C or SIGTERM stops the run at the next log step, once last.pt is saved
+    write_config(cfg, ctx, ckpt, run_id, changed, num_train=len(data.train_x), num_test=len(data.test_x),
+                 num_classes=len(data.classes), steps_per_epoch=steps_per_epoch, norm=aug["norm"])
+    catch_signals()
+    t_start = saved_at = time.time()
+    next_log = step + 1
+    for epoch in range(step // steps_per_epoch, cfg.max_epochs):
         order = epoch_order(len(data.train_x), cfg.seed, epoch, ctx.device)
-        seed_augmentation(gen, cfg.seed, epoch, ctx, control.saved("aug_rng", epoch))
-        for step in control.steps(epoch):
-            lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, cfg.learning_rate))
-            images = data.train_x[batch(order, step % steps_per_epoch, cfg.batch_size, ctx)]
-            # the views of an image are consecutive: (images x views, 3, size, size)
-            views = augment(images.repeat_interleave(cfg.num_views, 0), gen, aug)
-            if step == 0 and ctx.master:
-                save_views(images, views, aug["norm"], os.path.join(cfg.output_dir, "views.png"))
-            with ctx.autocast:
-                z = net(views).view(len(images), cfg.num_views, -1)
-            loss = mmcr_loss(z, cfg.lmbda)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            control.step_done(loss, lr)
-        # the end of an epoch (a stop inside it skips this): kNN, metrics.jsonl, checkpoints
-        if control.epoch_complete:
-            due = (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs
-            control.end_epoch(lambda: evaluate(cfg, model, data, aug, ctx) if due else None)
-    control.finish()
+        # the sum of the epoch's losses (a resume inside the epoch continues the checkpoint's)
+        inside = ckpt and step == ckpt["step"] and step % steps_per_epoch
+        running = ckpt["running"].to(ctx.device) if inside else torch.zeros(1, device=ctx.device)
+        first, t_epoch = step, time.time()
+        with tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.max_epochs}",
+                  unit="step", disable=not ctx.master, leave=False) as bar:
+            while step < (epoch + 1) * steps_per_epoch:
+                lr = lr_at(step, total_steps, warmup_steps, cfg.learning_rate)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images = data.train_x[batch(order, step % steps_per_epoch, cfg.batch_size, ctx)]
+                # the views of an image are consecutive: (images x views, 3, size, size)
+                views = augment(images.repeat_interleave(cfg.num_views, 0),
+                                gen.manual_seed(step_seed(cfg.seed, step, ctx.rank)), aug)
+                if step == 0 and ctx.master:
+                    save_views(images, views, aug["norm"], os.path.join(cfg.output_dir, "views.png"))
+                with ctx.autocast:
+                    z = net(views).view(len(images), cfg.num_views, -1)
+                loss = mmcr_loss(z, cfg.lmbda)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                running += loss.detach()
+                step += 1
+                bar.update()
+                if step == next_log or step % steps_per_epoch == 0:
+                    # a log step (every 2 s, at most --log-every steps apart, and at the epoch's end): the loop's one
+                    # GPU sync, where the ranks agree on a stop, a timed save and divergence
+                    means = running / (step - epoch * steps_per_epoch)
+                    shown = dict(loss=means.item(), lr=lr)
+                    stop, timed, next_log = log_step(bar, cfg, ctx, model, step, shown, saved_at)
+                    # (at the epoch's end, its evaluation and files come first)
+                    if (stop or timed) and step % steps_per_epoch:
+                        saved_at = save_checkpoint(cfg, ctx, state())
+                    if stop and step % steps_per_epoch:
+                        raise stopped(cfg, ctx, step)
+        # the epoch's end: kNN (every --eval-every epochs, and after the last), metrics.jsonl, last.pt, best.pt
+        seconds = time.time() - t_epoch
+        due = (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.max_epochs
+        scores = evaluate(cfg, model, data, aug, ctx) if due else {}
+        improved = scores.get("knn_top1", -1) > best.get("knn_top1", -1)
+        best = dict(scores, epoch=epoch + 1) if improved else best
+        write_metrics(cfg, ctx, dict(epoch=epoch + 1, step=step, loss=running.item() / steps_per_epoch, lr=lr, **scores,
+                                     epoch_seconds=round(seconds, 3), views_per_second=round(
+                                         (step - first) * cfg.batch_size * cfg.num_views / seconds)))
+        saved_at = save_checkpoint(cfg, ctx, state(), best=improved)
+        # a stop asked for during the evaluation ends the run here, with its files written
+        if agree(ctx, bool(SIGNALS))[0]:
+            raise stopped(cfg, ctx, step)
+    if ctx.master:
+        print(f"done: best {in_words(best)} in {time.time() - t_start:.1f}s; checkpoints in {cfg.output_dir}")
 
 
 # ----------------------------------------------------------------------------- plumbing
-# Nothing below changes the method: errors and exit codes, flags, DDP, the run folder and its lock, resume, the run
-# control around the loop, random states, files.
+# A hacker need not read further: flag checks and errors, DDP, the run folder, checkpoint files, log steps and stops.
 
 
 class UserError(Exception):
@@ -646,133 +753,76 @@ class Diverged(Exception):
 
 
 class Stopped(BaseException):
-    """Ctrl-C or SIGTERM: one line on stderr (what was saved, how to continue), exit code 128 + the signal. A
-    BaseException, as KeyboardInterrupt: no `except Exception` on its way may take it for an error."""
-
-    def __init__(self, signum, message):
-        super().__init__(message)
-        self.signum = signum
+    """Stopped(signal, message) after Ctrl-C or SIGTERM: exit code 128 + the signal. A BaseException, as
+    KeyboardInterrupt, so that no `except Exception` on its way takes it for an error."""
 
 
 def check_config(cfg):
-    check_common(cfg)
-    problems = [(cfg.num_views < 2, "--num-views must be at least 2 (MMCR averages views)"),
-                (cfg.batch_size < 1, "--batch-size must be positive"),
-                (cfg.max_epochs < 1, "--max-epochs must be at least 1"),
-                (cfg.learning_rate <= 0 or cfg.weight_decay < 0,
-                 "--learning-rate must be positive, --weight-decay >= 0"),
-                (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
-                (cfg.width < 1 or cfg.projection_dim < 1, "--width and --projection-dim must be positive"),
-                (not 0 <= cfg.grayscale_prob <= 1 or not 0 <= cfg.solarize_threshold <= 1,
-                 "--grayscale-prob and --solarize-threshold must be in [0, 1]"),
-                (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
-                (cfg.eval_every < 0 or cfg.log_every < 1, "--eval-every must be >= 0 and --log-every >= 1"),
-                (cfg.image_size < 8, "--image-size must be at least 8"),
-                (cfg.normalize not in ("auto", "cifar10", "cifar100", "dataset"),
-                 "--normalize must be auto, cifar10, cifar100 or dataset"),
-                (cfg.limit_train < 0 or cfg.limit_test < 0, "--limit-train and --limit-test must be >= 0"),
-                (cfg.checkpoint_minutes < 0, "--checkpoint-minutes must be >= 0"),
-                (cfg.device not in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu"),
-                (cfg.precision not in ("auto", "bf16", "fp16", "fp32"), "--precision must be auto, bf16, fp16 or fp32"),
-                (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda but no GPU is available")]
-    for bad, message in problems:
+    """The first impossible flag value is a UserError; returns cfg with absolute paths (so that a resume or
+    mmcr_finetune.py finds them from any directory)."""
+    for bad, message in [
+            # first what every script checks: a NaN would pass every comparison unnoticed
+            *[(isinstance(v, float) and not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number")
+              for k, v in dataclasses.asdict(cfg).items()],
+            (cfg.num_views < 2, "--num-views must be at least 2 (MMCR averages views)"),
+            (cfg.batch_size < 1 or cfg.max_epochs < 1, "--batch-size and --max-epochs must be positive"),
+            (cfg.learning_rate <= 0 or cfg.weight_decay < 0, "--learning-rate must be positive, --weight-decay >= 0"),
+            (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
+            (cfg.width < 1 or cfg.projection_dim < 1, "--width and --projection-dim must be positive"),
+            (not 0 <= cfg.grayscale_prob <= 1, "--grayscale-prob must be in [0, 1]"),
+            (not 0 <= cfg.solarize_threshold <= 256, "--solarize-threshold must be in 0..256 (levels of 255)"),
+            (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
+            (cfg.eval_every < 0 or cfg.image_size < 8, "--eval-every must be >= 0, --image-size at least 8"),
+            (cfg.normalize not in ("auto", "cifar10", "cifar100", "dataset"),
+             "--normalize must be auto, cifar10, cifar100 or dataset"),
+            (cfg.limit_train < 0 or cfg.limit_test < 0, "--limit-train and --limit-test must be >= 0"),
+            (cfg.resume == "auto" and not cfg.output_dir, "--resume auto needs --output-dir, the folder of the run"),
+            (cfg.log_every < 1 or cfg.checkpoint_minutes < 0, "--log-every must be >= 1, --checkpoint-minutes >= 0"),
+            (not 0 <= cfg.seed < 2 ** 32, "--seed must be in 0 .. 2^32 - 1"),
+            (cfg.device not in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu"),
+            (cfg.precision not in ("auto", "bf16", "fp16", "fp32"), "--precision must be auto, bf16, fp16 or fp32"),
+            (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda, but no GPU is available")]:
         if bad:
             raise UserError(message)
-    # a run records where its data is, so that a resume or mmcr_finetune.py finds it from any directory
-    if cfg.dataset not in ("cifar10", "cifar100"):
-        cfg.dataset = os.path.abspath(cfg.dataset)
-    cfg.data_dir = os.path.abspath(cfg.data_dir)
-
-
-def check_common(cfg):
-    """What every script checks: float flags are finite numbers (NaN passes every comparison unnoticed), and
-    --resume auto names its folder."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
-    if cfg.resume == "auto" and not cfg.output_dir:
-        raise UserError("--resume auto needs --output-dir, the folder of the run to continue")
+    dataset = cfg.dataset if cfg.dataset in ("cifar10", "cifar100") else os.path.abspath(cfg.dataset)
+    return dataclasses.replace(cfg, dataset=dataset, data_dir=os.path.abspath(cfg.data_dir))
 
 
 def parse_config(argv=None):
-    """argparse generated from the dataclass (--batch-size for batch_size, help from the field): the Config and the
-    names of the flags that the command line gave (a resume takes the others from its checkpoint)."""
-    import argparse
+    """argparse generated from Config (--batch-size for batch_size; the help, and the default as config.json writes
+    it): the Config and the names of the flags that the command line gave."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        name = "--" + f.name.replace("_", "-")
-        shown = f"{f.metadata['help']} (default: {readable(f.default)})".replace("%", "%%")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=shown)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(name, type=kind, help=shown)
+        # an empty default is explained by the help itself
+        shown = f.metadata["help"] + (f" (default: {json.dumps(f.default)})" if f.default != "" else "")
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        parser.add_argument("--" + f.name.replace("_", "-"), help=shown.replace("%", "%%"), **kind)
     given = vars(parser.parse_args(argv))
     return Config(**given), frozenset(given)
 
 
-def readable(value):
-    """A default as a person writes it: 1/255 rather than 0.00392156862745098, 1e-06, '' as ''."""
-    if isinstance(value, float):
-        fraction = fractions.Fraction(value).limit_denominator(1000)
-        if float(fraction) == value and fraction.denominator > 1 and len(repr(value)) > 8:
-            return f"{fraction.numerator}/{fraction.denominator}"
-        return f"{value:g}"
-    return repr(value) if value == "" else value
-
-
-@dataclass
-class Context:
-    """Where this process runs: its device, its rank among the `world` processes of a torchrun job (0 of 1 without
-    one), and the precision of its forward passes: `with ctx.autocast:` runs one in it."""
-    device: torch.device
-    precision: str
-    rank: int = 0
-    world: int = 1
-    ddp: bool = False
-    # under DDP with NCCL, a gloo group for the host-side flags that the ranks agree on at every step
-    cpu_group: object = None
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    @property
-    def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32")
-
-
-def context(cfg, rank=0, world=1, ddp=False, cpu_group=None):
-    """The Context of this process: its GPU (the LOCAL_RANK-th) if there is one and --device allows, else the CPU.
-    Precision auto: bf16 where the GPU has it (compute capability 8+), fp16 with a GradScaler before, fp32 on a CPU."""
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+def setup(cfg):
+    """This process's device, precision (`with ctx.autocast:`) and place in a torchrun job: DDP when torchrun set RANK,
+    one process per GPU (NCCL) or per CPU process (gloo). Precision auto: bf16 where the GPU has it (compute
+    capability 8+), fp16 with a GradScaler before, fp32 on a CPU."""
+    cuda, ddp = cfg.device != "cpu" and torch.cuda.is_available(), "RANK" in os.environ
+    if ddp:
+        # rank 0 evaluates (and decodes a new ImageFolder) while the others wait: allow that more than 10 minutes
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "fp32" if not cuda else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    precision = cfg.precision if cfg.precision != "auto" else "fp32" if not cuda else (
+        "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
-    return Context(device, precision, rank, world, ddp, cpu_group)
+    rank, dtype = dist.get_rank() if ddp else 0, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return SimpleNamespace(device=device, precision=precision, rank=rank, world=dist.get_world_size() if ddp else 1,
+                           ddp=ddp, master=rank == 0, autocast=torch.autocast(device.type, dtype, enabled=bool(dtype)))
 
 
-def setup(cfg):
-    """The Context, with DDP when torchrun set RANK: one process per GPU (NCCL) or per CPU process (gloo)."""
-    if "RANK" not in os.environ:
-        return context(cfg)
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    # rank 0 evaluates (and decodes a new ImageFolder) while the others wait: allow that more than 10 minutes
-    timeout = datetime.timedelta(hours=2)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
-    return context(cfg, dist.get_rank(), dist.get_world_size(), True, cpu_group)
-
-
-@contextmanager
+@contextlib.contextmanager
 def rank_zero_first(ctx):
     """Rank 0 runs the block first (a download, a decoding to cache), then the other ranks (which read the cache)."""
     if ctx.ddp and not ctx.master:
@@ -783,629 +833,315 @@ def rank_zero_first(ctx):
 
 
 def fit_batch_size(cfg, given, n, ctx):
-    """A default --batch-size larger than the training set shrinks to it, with a note; a given one is an error."""
-    if cfg.batch_size > n:
-        if "batch_size" in given:
-            raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({n} images)")
-        cfg.batch_size = n - n % ctx.world
-        if ctx.master:
-            print(f"note: --batch-size {cfg.batch_size}, the size of the training set (the default is larger)")
-    if cfg.batch_size % ctx.world:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} processes")
+    """--batch-size for n training images: a default larger than n shrinks to what fits (with a note), a given one is
+    an error; it must divide among the processes."""
+    batch_size = cfg.batch_size if cfg.batch_size <= n else n - n % ctx.world
+    if batch_size < cfg.batch_size and "batch_size" in given:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the training set ({n} images)")
+    if batch_size < cfg.batch_size and ctx.master:
+        print(f"note: --batch-size {batch_size}, the size of the training set (the default is larger)")
+    if batch_size % ctx.world or batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} is not divisible by the {ctx.world} processes")
+    return batch_size
 
 
 def wrap(model, cfg, ctx):
-    """What the training loop calls: the model, compiled with --compile, in DDP under torchrun. Checkpoints save the
-    model itself."""
-    if cfg.compile:
-        model = torch.compile(model)
-    if ctx.ddp:
-        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    return model
+    """What the loop calls: the model, compiled with --compile, in DDP under torchrun (checkpoints save the model)."""
+    model = torch.compile(model) if cfg.compile else model
+    return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.ddp else model
 
 
 # Flags that a resume may change: they do not change what the run computes. Every other flag comes from the checkpoint.
 RESUME_MAY_CHANGE = {"max_epochs", "eval_every", "log_every", "checkpoint_minutes", "device", "precision", "compile",
                      "data_dir", "output_dir", "resume"}
-# What makes a folder hold a run: a checkpoint (config.json, views.png or metrics.jsonl alone do not: that run never
-# saved, and a new one starts afresh)
-RUN_FILES = ("last.pt", "best.pt")
 
 
-class RunControl:
-    """Everything around the training loop, so that main() shows the method: the recipe (the checkpoint's when
-    resuming), the device and DDP (setup), the output folder (locked while the run lives), the progress bar, timed
-    saves, stop requests (Ctrl-C, SIGTERM), the divergence check, metrics.jsonl, last.pt / best.pt and the epoch lines.
-    Under DDP the ranks take every decision together."""
-
-    def __init__(self, cfg, given):
-        self.cfg, self.signals, self.stopping = cfg, [], False
-        for s in (signal.SIGINT, signal.SIGTERM):
-            RunControl.handlers.setdefault(s, signal.getsignal(s))
-            signal.signal(s, self.on_signal)
-        check_config(cfg)
-        self.resume_path = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
-        if cfg.resume == "auto" and not os.path.exists(self.resume_path):
-            self.resume_path = ""
-        self.resumed = load_checkpoint(self.resume_path, SCRIPT) if self.resume_path else None
-        # a resume continues the checkpoint's recipe (device and precision too, unless the command line changes them)
-        self.changed = adopt_recipe(cfg, given, self.resumed, self.resume_path) if self.resumed else {}
-        self.ctx = setup(cfg)
-        self.run_id = self.resumed.get("run_id") if self.resumed else uuid.uuid4().hex[:12]
-        # a resume goes on in the checkpoint's own folder unless --output-dir says otherwise
-        own = os.path.dirname(os.path.abspath(self.resume_path)) if self.resumed else ""
-        cfg.output_dir = cfg.output_dir or own or os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S"))
-        self.claim()
-        self.step = self.resumed["step"] if self.resumed else 0
-        self.best = self.resumed.get("best", {}) if self.resumed else {}
-        # the step of the state that last.pt / best.pt hold
-        self.file_steps = {"last.pt": self.step} if self.resumed else {}
-        self.started, self.saved_step, self.pending, self.loss = self.step, None, False, torch.full((), math.nan)
-        self.t_start = self.saved_at = time.time()
-
-    # what release() gives back when the process is done with the run: signal handlers, output-folder locks
-    handlers, locks = {}, []
-
-    def on_signal(self, signum, frame):
-        self.signals.append(signum)
-        # the first one stops the run at the next step (or after the evaluation running now); a second quits at once
-        if len(self.signals) > 1:
-            raise Stopped(signum, f"interrupted again: quit at once; {self.kept()}")
-
-    @classmethod
-    def release(cls):
-        """The previous signal handlers back, and the output folder's lock emptied and released."""
-        for s, handler in cls.handlers.items():
-            signal.signal(s, handler)
-        cls.handlers.clear()
-        while cls.locks:
-            lock = cls.locks.pop()
-            with contextlib.suppress(OSError, ValueError):
-                lock.seek(0)
-                lock.truncate()
-                lock.close()
-
-    def claim(self):
-        """Rank 0 claims the output folder (claim_output_dir); every rank learns the outcome, the same folder or the
-        same error."""
-        outcome = [self.cfg.output_dir, None]
-        if self.ctx.master:
-            try:
-                RunControl.locks.append(claim_output_dir(self.cfg.output_dir, self.resumed, self.run_id,
-                                                         self.resume_path))
-            except UserError as e:
-                outcome[1] = str(e)
-        if self.ctx.ddp:
-            dist.broadcast_object_list(outcome, src=0, group=self.ctx.cpu_group)
-        self.cfg.output_dir = outcome[0]
-        if outcome[1]:
-            raise UserError(outcome[1])
-
-    def restore(self, **objects):
-        """Resuming: load the checkpoint's saved states into the objects (model=..., optimizer=..., scaler=...)."""
-        for name, obj in objects.items():
-            state = self.resumed.get(name) if self.resumed else None
-            # a GradScaler's state carries over only from fp16 to fp16
-            if not self.resumed or (isinstance(obj, torch.amp.GradScaler) and not (obj.is_enabled() and state)):
-                continue
-            try:
-                obj.load_state_dict(state)
-            except (KeyError, RuntimeError, ValueError, TypeError) as e:
-                raise UserError(f"{self.resume_path}: its {name} does not fit this script's: {problem_of(e)}")
-
-    def start(self, checkpoint, model, steps_per_epoch, throughput, /, **info):
-        """Before the first step: checkpoint() (the script's state to save), the model whose weights the divergence
-        check reads, the steps per epoch, throughput (unit, count per step) for the progress bar and the metrics, and
-        config.json: every flag and `info` (a resume adds a record of itself to the run's config.json). A resume from
-        an epoch's end whose line metrics.jsonl lacks (a stop during its evaluation) runs that epoch's end first."""
-        self.checkpoint, self.model, self.steps_per_epoch = checkpoint, model, steps_per_epoch
-        self.unit, self.per_step = throughput
-        if self.best.get("epoch"):
-            self.file_steps["best.pt"] = self.best["epoch"] * steps_per_epoch
-        pending = [False]
-        if self.ctx.master:
-            write_run_info(self.cfg, self.ctx, self.run_id, self.resumed, self.resume_path, self.changed, info)
-            at_epoch_end = self.step > 0 and self.step % steps_per_epoch == 0
-            pending[0] = bool(self.resumed) and at_epoch_end and self.step not in metrics_steps(self.cfg.output_dir)
-        if self.ctx.ddp:
-            dist.broadcast_object_list(pending, src=0, group=self.ctx.cpu_group)
-        self.pending = pending[0]
-
-    def saved(self, key, epoch):
-        """The checkpoint's `key` (a random state) if `epoch` continues from it in the middle, else None."""
-        mid_epoch = self.resumed and self.resumed["step"] % self.steps_per_epoch
-        return self.resumed[key] if mid_epoch and epoch == self.resumed["step"] // self.steps_per_epoch else None
-
-    def epochs(self):
-        """The epochs still to run; after a stop request, a Stopped exception instead (exit code 128 + signal)."""
-        epoch = self.step // self.steps_per_epoch - self.pending
-        self.agree()
-        while not self.stopping and epoch < self.cfg.max_epochs:
-            yield epoch
-            epoch += 1
-        if self.stopping:
-            raise self.stopped()
-
-    def steps(self, epoch):
-        """The steps of `epoch` still to run, with a progress bar; they end early, after a save, on a stop request."""
-        self.epoch, self.first = epoch, max(self.step, epoch * self.steps_per_epoch)
-        self.epoch_end = (epoch + 1) * self.steps_per_epoch
-        self.loss_sum, self.t_epoch = torch.zeros((), device=self.ctx.device), time.time()
-        self.bar = tqdm(total=self.steps_per_epoch, initial=self.first - epoch * self.steps_per_epoch,
-                        desc=f"epoch {epoch + 1}/{self.cfg.max_epochs}", disable=not self.ctx.master, mininterval=1,
-                        leave=False)
-        with self.bar:
-            for step in range(self.first, self.epoch_end):
-                yield step
-                if self.stopping:
-                    return
-
-    def step_done(self, loss, lr, **shown):
-        """After each training step: at the log steps (the loop's only host syncs) check the weights and show the loss,
-        lr, `shown` and the speed; save last.pt once --checkpoint-minutes have passed; note a stop request."""
-        self.step += 1
-        self.loss_sum += loss.detach()
-        self.lr, self.loss = lr, loss
-        self.bar.update()
-        since = self.step - self.started
-        if since % self.cfg.log_every == 0 or (since < self.cfg.log_every and since & (since - 1) == 0):
-            self.check_finite()
-            rate = (self.step - self.first) * self.per_step / (time.time() - self.t_epoch)
-            values = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in dict(loss=loss, **shown).items()}
-            self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "lr": f"{lr:.2e}",
-                                  f"{self.unit}/s": f"{rate:.0f}"})
-        stop, timed, _ = self.agree()
-        if (stop or timed) and self.step < self.epoch_end:
-            self.save("last.pt")
-
-    @property
-    def epoch_complete(self):
-        return self.step == self.epoch_end
-
-    def end_epoch(self, evaluate):
-        """After an epoch's last step: save last.pt (a long evaluation that fails or is killed loses no training), run
-        evaluate() (None, or scores: best.pt keeps the best of its first value), add the epoch's line to metrics.jsonl,
-        save best.pt (and last.pt, which records the best) when it improved, print the line."""
-        seconds = elapsed(self.t_epoch, self.ctx.device)
-        steps = self.step - self.first
-        self.save("last.pt")
-        scores = evaluate() or {}
-        self.pending = False
-        stats = {"epoch": self.epoch + 1, "step": self.step, "loss": self.loss_sum.item() / steps if steps else None,
-                 "lr": self.lr if steps else None, **scores, "epoch_seconds": round(seconds, 3),
-                 f"{self.unit}_per_second": round(steps * self.per_step / seconds, 1)}
-        key = next(iter(scores), None)
-        improved = key is not None and scores[key] > self.best.get(key, -math.inf)
-        if improved:
-            self.best = dict(scores, epoch=self.epoch + 1)
-        if self.ctx.master:
-            append_metrics(self.cfg.output_dir, stats)
-        # a stop requested during the evaluation ends the run after this epoch; every rank saves when rank 0 improved
-        if self.agree(improved)[2]:
-            self.save("best.pt", "last.pt")
-        if self.ctx.master:
-            shown = in_words({k: v for k, v in stats.items() if k not in ("epoch", "step") and "second" not in k})
-            print(f"epoch {self.epoch + 1}/{self.cfg.max_epochs} step {self.step} {shown} {seconds:.1f}s "
-                  f"{stats[f'{self.unit}_per_second']:.0f} {self.unit}/s", flush=True)
-
-    def finish(self):
-        if self.ctx.master:
-            best = in_words({k: v for k, v in self.best.items() if k != "epoch"})
-            print(f"done: best {best or '-'} (epoch {self.best.get('epoch', '-')}) in "
-                  f"{time.time() - self.t_start:.1f}s; checkpoints in {self.cfg.output_dir}")
-
-    def agree(self, vote=False):
-        """(stop, timed save, vote): a stop was requested; --checkpoint-minutes have passed since the last save (rank
-        0's clock); some rank voted. Decided on the host at every step, with no GPU sync, and all-reduced under DDP."""
-        minutes = self.cfg.checkpoint_minutes
-        flags = [len(self.signals) > 0, self.ctx.master and 0 < minutes <= (time.time() - self.saved_at) / 60, vote]
-        if self.ctx.ddp:
-            votes = torch.tensor(flags, dtype=torch.float)
-            dist.all_reduce(votes, group=self.ctx.cpu_group)
-            flags = (votes > 0).tolist()
-        self.stopping = flags[0]
-        return flags
-
-    def check_finite(self):
-        """Diverged once the weights are not finite (their sum is not): a GPU sync, so at log steps and saves only."""
-        weights = sum(p.detach().float().sum() for p in self.model.parameters())
-        bad = (~torch.isfinite(weights)).float()
-        if self.ctx.ddp:
-            dist.all_reduce(bad)
-        if bad.item():
-            raise Diverged(f"training diverged at step {self.step}: the loss is {self.loss.item():.4g} and the weights "
-                           f"are no longer finite; {self.kept()}. Try a lower --learning-rate in a new "
-                           f"--output-dir, or --precision bf16 or fp32 if this ran in fp16 (a resume may change it)")
-
-    def save(self, *names):
-        """Write the checkpoint of this step as each of names (rank 0; every rank builds it, a collective under DDP),
-        never with weights that are not finite."""
-        self.check_finite()
-        ckpt = dict(self.checkpoint(), script=SCRIPT, run_id=self.run_id, step=self.step,
-                    epoch=self.step // self.steps_per_epoch, best=self.best, config=dataclasses.asdict(self.cfg))
-        if self.ctx.master:
-            for name in names:
-                atomic_save(ckpt, os.path.join(self.cfg.output_dir, name))
-                self.file_steps[name] = self.step
-        self.saved_step, self.saved_at = self.step, time.time()
-
-    def kept(self):
-        """What the run folder holds to go on from, in words."""
-        kept = [f"{name} (step {self.file_steps.get(name, '?')})" for name in ("last.pt", "best.pt")
-                if os.path.exists(os.path.join(self.cfg.output_dir, name))]
-        if not kept:
-            return "nothing was saved, so the folder can take a new run"
-        return f"{' and '.join(kept)} in {self.cfg.output_dir} keep the last finite state"
-
-    def stopped(self):
-        signum = self.signals[0] if self.signals else signal.SIGTERM
-        if not os.path.exists(os.path.join(self.cfg.output_dir, "last.pt")):
-            return Stopped(signum, "interrupted before the first save: nothing to continue")
-        what = (f"saved {os.path.join(self.cfg.output_dir, 'last.pt')} at step {self.saved_step}"
-                if self.saved_step is not None else f"stopped before training went on; {self.kept()}")
-        launcher = f"torchrun --nproc_per_node {self.ctx.world}" if self.ctx.ddp else "python"
-        return Stopped(signum, f"interrupted: {what}; continue with {launcher} {shlex.quote(sys.argv[0])} "
-                               f"--resume auto --output-dir {shlex.quote(self.cfg.output_dir)}")
-
-
-def in_words(values):
-    """'loss -4.1234 lr 1.00e-03 knn_top1 57.20': metrics for a log line (None left out)."""
-    return " ".join(f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.2f}"
-                    for k, v in values.items() if v is not None)
-
-
-def problem_of(error):
-    """The line of a load_state_dict error that says what is wrong (its first line only names the module)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return lines[min(1, len(lines) - 1)][:200]
-
-
-def adopt_recipe(cfg, given, ckpt, path):
-    """A resume continues the run's recipe: every flag comes from the checkpoint's config but those in
-    RESUME_MAY_CHANGE that the command line gives. Another value for any other flag is a UserError that lists them.
-    Returns {flag: [the run's value, the new one]} of the changes made."""
-    saved = ckpt["config"]
-    if cfg.dataset not in ("cifar10", "cifar100") and "dataset" in saved:
-        saved = dict(saved, dataset=os.path.abspath(saved["dataset"]) if saved["dataset"] else "")
+def load_resume(cfg, given):
+    """The checkpoint of --resume ('auto': <output-dir>/last.pt, if there is one; its path as "file"), and the run's
+    recipe: every flag comes from its config but those of RESUME_MAY_CHANGE that the command line gives; another value
+    for any other flag is a UserError that lists them. Returns (cfg, checkpoint, {flag: [the run's, the new]})."""
+    path = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
+    if not path or (cfg.resume == "auto" and not os.path.exists(path)):
+        return cfg, None, {}
+    ckpt = dict(load_checkpoint(path, SCRIPT), file=os.path.abspath(path))
+    saved = {k: v for k, v in ckpt["config"].items() if hasattr(cfg, k) and k not in ("resume", "output_dir")}
     differ = sorted(n for n in given if n not in RESUME_MAY_CHANGE and n in saved and saved[n] != getattr(cfg, n))
     if differ:
         listed = ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} (the run's: {saved[n]})" for n in differ)
         raise UserError(f"{path} continues its run's recipe, and the command line changes it: {listed}; leave these "
                         f"flags out to continue the run, or start a new run in another --output-dir")
-    changed = {n: [saved[n], getattr(cfg, n)] for n in sorted(given & RESUME_MAY_CHANGE - {"resume", "output_dir"})
-               if n in saved and saved[n] != getattr(cfg, n)}
-    for f in dataclasses.fields(cfg):
-        if f.name in saved and f.name not in given and f.name not in ("resume", "output_dir"):
-            setattr(cfg, f.name, saved[f.name])
-    return changed
+    changed = {n: [saved[n], getattr(cfg, n)] for n in sorted(given) if n in saved and saved[n] != getattr(cfg, n)}
+    return dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in given}), ckpt, changed
 
 
-def claim_output_dir(output_dir, resumed, run_id, resume_path):
-    """Create --output-dir and lock it while this process lives (rank 0; the lock file .lock holds its PID). Refused,
-    changing nothing: a folder another live process holds; a new run into a folder that holds a run; a resume into a
-    folder that holds another run (another run id). A lock left by a dead process is taken over with a warning."""
+def load_states(ckpt, **objects):
+    """A resume: the checkpoint's states into the objects (model=..., optimizer=...). Returns its (step, best scores,
+    run id), or those of a new run."""
+    for name, obj in objects.items() if ckpt else ():
+        # a GradScaler's state carries over only from fp16 to fp16
+        if not isinstance(obj, torch.amp.GradScaler) or (obj.is_enabled() and ckpt[name]):
+            load_fitting(obj, ckpt[name], f"{ckpt['file']}: its {name}")
+    return (ckpt["step"], ckpt["best"], ckpt["run_id"]) if ckpt else (0, {}, os.urandom(6).hex())
+
+
+def load_fitting(obj, state, what, advice=""):
+    """obj.load_state_dict(state); a module's state with other keys or shapes is one UserError that says which."""
+    own = obj.state_dict() if isinstance(obj, nn.Module) else {}
+    wrong = {"missing": [k for k in own if k not in state], "unexpected": [k for k in state if own and k not in own],
+             "of another shape": [k for k in own if k in state and state[k].shape != own[k].shape]}
     try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --output-dir {output_dir}: {e.strerror}")
-    check_output_dir(output_dir, resumed, run_id, resume_path)
-    try:
-        lock = open(os.path.join(output_dir, ".lock"), "a+")
-    except OSError as e:
-        raise UserError(f"cannot write to --output-dir {output_dir}: {e.strerror}")
-    try:
-        import fcntl
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        # no fcntl (Windows): no lock
-        pass
-    except OSError:
-        lock.seek(0)
-        holder = (lock.read().split() or ["?"])[0]
-        raise UserError(f"--output-dir {output_dir} is in use by another run (PID {holder}); wait for it to end, "
-                        f"or choose another --output-dir")
-    # the holder's files may have appeared while this process waited for the lock
-    check_output_dir(output_dir, resumed, run_id, resume_path)
-    lock.seek(0)
-    previous = lock.read().split()
-    if previous:
-        print(f"warning: --output-dir {output_dir} was locked by PID {previous[0]}, which ended without releasing it "
-              f"(a crash or a kill); taking it over", file=sys.stderr)
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    lock.flush()
-    # RunControl.release() empties the lock file at the end; the kernel releases the lock when the process ends, in
-    # any way (a kill leaves the PID in the file: the next run warns)
-    return lock
+        if any(wrong.values()):
+            raise ValueError("; ".join(f"{len(v)} {kind}: {', '.join(v[:3])}{', ...' * (len(v) > 3)}"
+                                       for kind, v in wrong.items() if v))
+        obj.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"{what} does not fit ({str(e).splitlines()[0]}){advice}") from None
 
 
-def check_output_dir(output_dir, resumed, run_id, resume_path):
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(output_dir, f))]
-    if held and not resumed:
-        raise UserError(f"--output-dir {output_dir} already holds a run ({', '.join(held)}): pass --resume auto to "
-                        f"continue it, or choose another --output-dir")
-    folder_run = folder_run_id(output_dir) if held else run_id
-    if folder_run != run_id:
-        raise UserError(f"--output-dir {output_dir} holds another run (run id {folder_run}) than {resume_path} (run id "
-                        f"{run_id}): resume into that run's own folder, or into an empty one")
+CREATED = []  # the run folder (or lock file) that this process made: exit 2 before its first checkpoint removes it
 
 
-def folder_run_id(output_dir):
-    """The run id of the run a folder holds (from config.json, else last.pt), None if it has none."""
-    try:
-        with open(os.path.join(output_dir, "config.json")) as f:
-            return json.load(f).get("run_id")
-    except (OSError, ValueError):
-        path = os.path.join(output_dir, "last.pt")
-        return load_checkpoint(path, SCRIPT).get("run_id") if os.path.exists(path) else None
-
-
-def write_run_info(cfg, ctx, run_id, resumed, resume_path, changed, info):
-    """config.json: the run id, every flag and what was derived from them (`info`), also printed. A resume keeps the
-    run's config.json and appends a record: when, from which checkpoint and step, which flags it changed.
-    metrics.jsonl keeps only the lines up to the checkpoint's step (none for a new run), so no epoch is listed twice."""
-    path = os.path.join(cfg.output_dir, "config.json")
-    derived = dict(world_size=ctx.world, device=str(ctx.device), precision_used=ctx.precision, **info)
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    run = {"run_id": run_id, "started": now, **dataclasses.asdict(cfg), **derived}
-    if resumed:
-        with contextlib.suppress(OSError, ValueError):
-            with open(path) as f:
-                previous = json.load(f)
-            run = previous if previous.get("run_id") == run_id else run
-        record = {"at": now, "from": os.path.abspath(resume_path), "step": resumed["step"], "changed": changed,
-                  **{k: derived[k] for k in ("world_size", "device", "precision_used")}}
-        run.setdefault("resumes", []).append(record)
-        print(f"resumed from {resume_path} at step {resumed['step']}" + (f", changing {changed}" if changed else ""))
-    keep_metrics_until(cfg.output_dir, resumed["step"] if resumed else 0)
-    atomic_write(path, lambda tmp: write_text(tmp, json.dumps(run, indent=2)))
-    print(json.dumps(dict(dataclasses.asdict(cfg), **derived)))
-
-
-def metrics_lines(output_dir):
-    """The lines of metrics.jsonl as dicts; a line that is not JSON (cut off by a crash) is left out."""
-    lines = []
-    with contextlib.suppress(FileNotFoundError):
-        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    lines.append(json.loads(line))
-    return [line for line in lines if isinstance(line, dict) and isinstance(line.get("step"), int)]
-
-
-def metrics_steps(output_dir):
-    return {line["step"] for line in metrics_lines(output_dir)}
-
-
-def keep_metrics_until(output_dir, step):
-    path = os.path.join(output_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        kept = "".join(json.dumps(line) + "\n" for line in metrics_lines(output_dir) if line["step"] <= step)
-        atomic_write(path, lambda tmp: write_text(tmp, kept))
-
-
-def append_metrics(output_dir, stats):
-    """One JSON line per epoch; a failed append (a full disk) is cut off again, leaving no half line."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror})")
-    line = (json.dumps(stats) + "\n").encode()
-    try:
-        size = os.fstat(fd).st_size
-        if os.write(fd, line) != len(line):
-            raise OSError(28, "a short write")
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, size)
-        raise UserError(f"cannot write {path} ({e.strerror}: is the disk full?); it keeps the lines before")
-    finally:
-        os.close(fd)
-
-
-def epoch_order(n, seed, epoch, device):
-    """The epoch's order of the training set: a pure function of (seed, epoch), so a resumed run sees the same."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(device)
-
-
-def seed_augmentation(gen, seed, epoch, ctx, saved=None):
-    """The augmentation RNG at an epoch's start: a pure function of (seed, epoch, rank). A mid-epoch resume restores
-    the state saved in the checkpoint instead, if it came from as many ranks on the same kind of device."""
-    if saved is not None and len(saved) == ctx.world and saved[ctx.rank].numel() == gen.get_state().numel():
-        gen.set_state(saved[ctx.rank])
-    else:
-        gen.manual_seed(seed * 100003 + epoch * 1009 + ctx.rank)
-
-
-def rng_states(gen, ctx):
-    """Every rank's generator state, for the checkpoint (a collective under DDP)."""
-    states = [gen.get_state().cpu()]
+def claim_output_dir(cfg, ckpt, ctx):
+    """--output-dir (else a resume's own folder, else runs/<method>/<date>-<time>), created and locked by rank 0 while
+    this process lives (fcntl.flock on .lock: the kernel releases it when the process ends in any way). Refused,
+    changing nothing: a folder that another process holds, one that holds a run (a checkpoint) when this is no
+    resume of it. (Under torchrun a failure on rank 0 ends the other ranks.) Returns (the folder, the lock)."""
+    folder = [cfg.output_dir or (os.path.dirname(ckpt["file"]) if ckpt else
+                                 os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S")))]
     if ctx.ddp:
-        states = [None] * ctx.world
-        dist.all_gather_object(states, gen.get_state().cpu())
-    return states
-
-
-def set_lr(optimizer, lr):
-    """Write lr into every param group (times its lr_scale, if it has one); returns lr."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
-
-
-@functools.lru_cache(maxsize=None)
-def compiled(fn):
-    """torch.compile(fn), made once per function; a run's shapes are fixed, so no dynamic shapes."""
-    return torch.compile(fn, dynamic=False)
-
-
-def elapsed(t, device):
-    """Seconds since t, once the queued GPU work is done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.time() - t
-
-
-def atomic_write(path, write):
-    """write(tmp), then os.replace(tmp, path): a kill never leaves a broken file. A failed write (a full or read-only
-    disk) removes tmp and is a UserError that names the file and says whether the previous one is kept."""
-    tmp = path + ".tmp"
+        dist.broadcast_object_list(folder, src=0)
+    if not ctx.master:
+        return folder[0], None
+    # what this process makes: the folder's first missing parent, or else the lock file
+    folder, made = folder[0], os.path.join(folder[0], ".lock")
+    while not os.path.exists(made) and not os.path.exists(os.path.dirname(os.path.abspath(made))):
+        made = os.path.dirname(os.path.abspath(made))
+    CREATED[:] = [] if os.path.exists(made) else [made]
     try:
-        write(tmp)
-        # on disk before the rename, so that a power cut or a crashed machine also leaves the old file or the new one
-        fsync(tmp)
-        os.replace(tmp, path)
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+")
+        lock.seek(0)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"--output-dir {folder} is in use by another run (PID {lock.read().strip()}); wait for it to "
+                        f"end, or choose another --output-dir") from None
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename or folder} ({e.strerror})") from None
+    held, other = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(folder, f))], None
+    with contextlib.suppress(OSError, ValueError, AttributeError), open(os.path.join(folder, "config.json")) as f:
+        other = json.load(f).get("run_id")
+    if held and (not ckpt or other not in (None, ckpt["run_id"])):
+        raise UserError(f"--output-dir {folder} already holds a run ({', '.join(held)}): " + (
+            f"another one than {ckpt['file']}; resume into that run's own folder, or into an empty one" if ckpt else
+            "pass --resume auto to continue it, or choose another --output-dir"))
+    try:
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+    except OSError as e:
+        raise UserError(f"cannot write {lock.name} ({e.strerror}: is the disk full or read-only?)") from None
+    return folder, lock
+
+
+def write_config(cfg, ctx, ckpt, run_id, changed, **info):
+    """config.json: the run id, every flag and what was derived from them (info), also printed. A resume keeps the
+    run's config.json, appends a record of itself and cuts metrics.jsonl back to the checkpoint's step."""
+    path, now = os.path.join(cfg.output_dir, "config.json"), time.strftime("%Y-%m-%dT%H:%M:%S")
+    derived = dict(world_size=ctx.world, device=str(ctx.device), precision_used=ctx.precision, **info)
+    run, lines = {"run_id": run_id, "started": now, **dataclasses.asdict(cfg), **derived}, []
+    if ckpt:
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            run = json.load(f)
+        run.setdefault("resumes", []).append({"at": now, "from": ckpt["file"], "step": ckpt["step"], "changed": changed,
+                                              "world_size": ctx.world, "precision_used": ctx.precision})
+        print(f"resumed from {ckpt['file']} at step {ckpt['step']}" + (f", changing {changed}" if changed else ""))
+        with contextlib.suppress(FileNotFoundError), open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
+            for line in f:
+                # (a line cut off by a crash or a full disk is left out)
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    lines += [line] if json.loads(line)["step"] <= ckpt["step"] else []
+    if ctx.master:
+        with atomic_open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(lines)
+        with atomic_open(path, "w") as f:
+            json.dump(run, f, indent=2)
+        print(json.dumps(dict(dataclasses.asdict(cfg), **derived)))
+
+
+SIGNALS = []  # the stop requests received (Ctrl-C, SIGTERM); log steps read it
+LOG_SECONDS = 2  # the time between log steps, at most
+
+
+def quit_at_once(signum, frame):
+    """Ctrl-C or SIGTERM before the run starts (cli() sets this handler), or a second one after."""
+    raise Stopped(signum, "interrupted again: quit at once, keeping the last save" if SIGNALS else
+                  "interrupted before the run started: nothing to continue")
+
+
+def catch_signals():
+    """From here the first Ctrl-C or SIGTERM stops the run at the next log step (or after the evaluation that runs),
+    once last.pt is saved; a second one quits at once."""
+    def on_signal(signum, frame):
+        if SIGNALS:
+            quit_at_once(signum, frame)
+        SIGNALS.append(signum)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
+
+
+def log_step(bar, cfg, ctx, model, step, shown, saved_at):
+    """The loop's one GPU sync: the epoch's running means and the lr on the bar, and what every rank decides together:
+    a stop (Ctrl-C or SIGTERM on any rank), a timed save (rank 0's clock) and the next log step (LOG_SECONDS on at rank
+    0's pace, at most --log-every steps on). Weights that are no longer finite raise Diverged."""
+    rate = (bar.format_dict["rate"] or 0) if ctx.master else 0
+    weights = torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()
+    timed = ctx.master and 0 < cfg.checkpoint_minutes <= (time.time() - saved_at) / 60
+    stop, timed, bad, interval = agree(ctx, bool(SIGNALS), timed, ~weights.isfinite(),
+                                       ctx.master * min(cfg.log_every, max(1, int(LOG_SECONDS * rate))))
+    shown = {k: float(v) for k, v in shown.items()}
+    if bad:
+        files = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(cfg.output_dir, f))]
+        raise Diverged(f"training diverged at step {step}: the weights are no longer finite (mean loss "
+                       f"{shown['loss']:.4g}); " + (f"{' and '.join(files)} in {cfg.output_dir} keep the last finite "
+                       f"state" if files else "nothing was saved, so the folder can take a new run") + ". Try a lower "
+                       "--learning-rate in a new --output-dir, or --precision bf16 or fp32 after fp16 (a resume may)")
+    bar.set_postfix_str(in_words(shown))
+    return bool(stop), bool(timed), step + int(interval)
+
+
+def agree(ctx, *flags):
+    """Host or device flags as floats, each maxed over the ranks under DDP (so every rank takes the same decisions)."""
+    flags = torch.stack([torch.as_tensor(f, dtype=torch.float64, device=ctx.device) for f in flags])
+    if ctx.ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.tolist()
+
+
+def in_words(values):
+    """'mean loss -4.123 lr 0.001 knn_top1 57.19': values for a log line (epoch means say so)."""
+    return " ".join(f"{'mean ' * (k in ('loss', 'tcr', 'sim'))}{k} {f'{v:.4g}' if isinstance(v, float) else v}"
+                    for k, v in values.items())
+
+
+def write_metrics(cfg, ctx, line):
+    """The epoch's line, appended to metrics.jsonl (a line cut off by a crash is left out when read) and printed."""
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    try:
+        if ctx.master:
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            print(f"epoch {line['epoch']}/{cfg.max_epochs} {in_words({**line, 'epoch': ''})[7:]}", flush=True)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}: is the disk full or read-only?)") from None
+
+
+def save_checkpoint(cfg, ctx, state, best=False):
+    """last.pt from rank 0, with a checksum of what it holds, and best.pt (when best) as a second name of that file;
+    each written whole or not at all. Returns the time of the save (the clock of timed saves)."""
+    last = os.path.join(cfg.output_dir, "last.pt")
+    if ctx.master:
+        with atomic_open(last) as f:
+            torch.save(dict(state, checksum=checksum(state)), f)
+        # the folder holds a run now: no failure removes it
+        CREATED.clear()
+    if ctx.master and best:
+        # one copy on the disk for both names (a hard link); a copy where the file system has no links
+        with atomic_open(os.path.join(cfg.output_dir, "best.pt")) as f:
+            try:
+                os.remove(f.name)
+                os.link(last, f.name)
+            except OSError:
+                shutil.copyfile(last, f.name)
+    return time.time()
+
+
+def stopped(cfg, ctx, step):
+    """The Stopped exception of a stop request once last.pt is saved: its step and the command that continues."""
+    launcher = f"torchrun --nproc_per_node {ctx.world}" if ctx.ddp else "python"
+    return Stopped((SIGNALS or [signal.SIGTERM])[0], f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} "
+                   f"at step {step}; continue with {launcher} {shlex.quote(sys.argv[0])} --resume auto --output-dir "
+                   f"{shlex.quote(cfg.output_dir)}")
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """A file to write that replaces `path` only once complete, flushed to disk and renamed: a kill, a crash or a full
+    disk never leaves a broken file, and keeps the previous one. A failure is a UserError that names the file."""
+    try:
+        with open(path + ".tmp", mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:
+        # (torch.save reports a failed write as a RuntimeError)
         with contextlib.suppress(OSError):
-            fsync(os.path.dirname(os.path.abspath(path)))
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if not isinstance(e, (OSError, RuntimeError)):
-            raise
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or ["?"])[-1]
+            os.remove(path + ".tmp")
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
         kept = f"; the previous {os.path.basename(path)} is unchanged" if os.path.exists(path) else ""
-        raise UserError(f"cannot write {path} ({reason.strip()[:160]}: is the disk full or read-only?){kept}") from None
+        raise UserError(f"cannot write {path} ({reason}: is the disk full or read-only?){kept}") from None
 
 
-def fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def atomic_save(obj, path):
-    """torch.save through atomic_write."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def read_torch_file(path, what):
-    """torch.load of a file these scripts wrote (tensors, numbers, strings only); missing or broken: a UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable {what}: corrupt, truncated or not written by torch.save "
-                        f"({type(e).__name__})")
+def checksum(x, h=None):
+    """sha1 of all that a checkpoint holds (tensor bytes, numbers, strings), so that a damaged file shows on load."""
+    h = h or hashlib.sha1()
+    if torch.is_tensor(x):
+        h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    elif isinstance(x, (dict, list, tuple)):
+        for k, v in sorted(x.items(), key=lambda kv: str(kv[0])) if isinstance(x, dict) else enumerate(x):
+            checksum(v, h.update(repr(k).encode()) or h)
+    else:
+        h.update(repr(x).encode())
+    return h.hexdigest()
 
 
 def load_checkpoint(path, script):
-    ckpt = read_torch_file(path, "checkpoint")
-    if not isinstance(ckpt, dict) or not {"script", "model", "config", "step"} <= set(ckpt):
+    """A checkpoint that `script` (or a renamed copy) wrote, whole: its checksum holds. Anything else is a UserError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint: corrupt, truncated or not written by torch.save "
+                        f"({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "checksum" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by these scripts")
+    if ckpt.pop("checksum") != checksum(ckpt):
+        raise UserError(f"{path} is corrupt: what it holds does not match its checksum (a damaged disk or copy)")
     if ckpt["script"] != script:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py")
     return ckpt
 
 
-_cache_warned = []
-
-
-def load_image_folder(root, image_size, cache_dir):
-    """Decode root/<class>/* once into uint8 (N, 3, S, S); cached by file list, sizes and mtimes."""
-    from PIL import Image
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    files, labels = [], []
-    for label, c in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-            for n in sorted(names):
-                # like torchvision's ImageFolder, skip non-images
-                if n.lower().endswith(IMG_EXTENSIONS):
-                    files.append(os.path.join(dirpath, n))
-                    labels.append(label)
-    if not files:
-        raise UserError(f"no images found in {root} (expected {root}/<class>/<image>.jpg|png|...)")
-    present = set(labels)
-    empty = [c for i, c in enumerate(classes) if i not in present]
-    # as torchvision's ImageFolder: a class without images is an error, not a silent extra output
-    if empty:
-        raise UserError(f"no images in the class folders {[os.path.join(root, c) for c in empty][:5]}")
-    listing = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    key = hashlib.sha1(repr((os.path.abspath(root), image_size, listing)).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, f"imagefolder-{key}.pt")
-    if os.path.exists(cache):
-        # a cache must never break a run: one that is truncated, corrupt or stale is decoded again
-        try:
-            d = torch.load(cache, weights_only=True)
-            if d["images"].shape == (len(files), 3, image_size, image_size) and d["labels"].tolist() == labels:
-                return d["images"], d["labels"], d["classes"]
-            problem = "it does not match the image folder"
-        except Exception as e:
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}"
-        print(f"warning: cannot use the cached decoded images {cache} ({problem}); removing it and decoding again",
-              file=sys.stderr)
-        with contextlib.suppress(OSError):
-            os.remove(cache)
-    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
-    unreadable = []
-    for i, path in enumerate(tqdm(files, desc=f"decoding {root}", unit="img", mininterval=1, leave=False)):
-        try:
-            with Image.open(path) as im:
-                # grayscale, palette and RGBA all occur in the wild
-                im = im.convert("RGB")
-                # shorter side to image_size, then centre crop
-                if im.size != (image_size, image_size):
-                    s = image_size / min(im.size)
-                    w, h = max(image_size, round(im.size[0] * s)), max(image_size, round(im.size[1] * s))
-                    im = im.resize((w, h), Image.BICUBIC)
-                    left, top = (w - image_size) // 2, (h - image_size) // 2
-                    im = im.crop((left, top, left + image_size, top + image_size))
-                pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-                images[i] = pixels.view(image_size, image_size, 3).permute(2, 0, 1)
-        except Exception as e:
-            unreadable.append(f"{path} ({e})")
-    if unreadable:
-        more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
-        raise UserError(f"cannot read {len(unreadable)} images: {'; '.join(unreadable[:10])}{more}")
-    labels = torch.tensor(labels, dtype=torch.long)
-    # the cache is optional: a full or read-only --data-dir costs a decoding next time, not this run
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        atomic_save({"images": images, "labels": labels, "classes": classes}, cache)
-    except (OSError, UserError) as e:
-        if not _cache_warned:
-            _cache_warned.append(cache_dir)
-            print(f"warning: cannot cache the decoded images in {cache_dir} ({e}); the next run decodes again",
-                  file=sys.stderr)
-    return images, labels, classes
-
-
 def cli(argv=None):
-    """main() as a command: exit code 0 when done; bad input or an unwritable file 2, divergence 3, Ctrl-C / SIGTERM
-    128 + the signal, each with one line on stderr."""
+    """main() as a command: exit code 0 when done; 2 bad input or an unwritable file, 3 divergence, 128 + the signal
+    after Ctrl-C / SIGTERM, 1 on a rank whose peer died: one line on stderr (rank 0 speaks for all)."""
     cfg, given = parse_config(argv)
-    code, message = 0, None
+    handlers = {s: signal.signal(s, quit_at_once) for s in (signal.SIGINT, signal.SIGTERM)}
+    name, code, message, CREATED[:], SIGNALS[:] = os.path.basename(__file__), 0, None, [], []
     try:
         main(cfg, given)
     except (UserError, OSError) as e:
-        code, message = 2, f"{os.path.basename(__file__)}: error: {e}"
+        code, message = 2, f"{name}: error: {e}"
     except Diverged as e:
-        code, message = 3, f"{os.path.basename(__file__)}: error: {e}"
+        code, message = 3, f"{name}: error: {e}"
     except Stopped as e:
-        code, message = 128 + e.signum, str(e)
-    except dist.DistBackendError:
-        # under torchrun: another process ended (rank 0 says why), which broke this one's collective
-        code, message = 1, f"{os.path.basename(__file__)}: rank {dist.get_rank()}: stopped, as another process ended"
+        code, message = 128 + e.args[0], e.args[1]
+    except RuntimeError as e:
+        # under torchrun: another process ended (its line says why), which broke this one's collective
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "onnection" in str(e))):
+            raise
+        code, message = 1, f"{name}: rank {dist.get_rank()}: stopped, as another process ended"
     finally:
-        RunControl.release()
-        # a progress bar left open would take the message onto its line
-        for bar in list(getattr(tqdm, "_instances", [])):
-            bar.close()
-    # under torchrun rank 0 speaks for all ranks, which reach the same end
-    ddp = dist.is_available() and dist.is_initialized()
-    if message and (not ddp or dist.get_rank() == 0 or code == 1):
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    # a run that ends with exit 2 before its first checkpoint leaves no folder (or lock file) that it made
+    if code == 2 and CREATED:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(CREATED[0]) if os.path.isdir(CREATED[0]) else os.remove(CREATED[0])
+    if message and (not dist.is_initialized() or dist.get_rank() == 0 or code == 1):
         print(message, file=sys.stderr)
-    if ddp:
+    if dist.is_initialized():
         # a process group left to the interpreter's exit aborts the process
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
