@@ -34,7 +34,6 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -44,6 +43,7 @@ from tqdm import tqdm
 
 from knn import knn_accuracy
 
+
 # the kind of checkpoint this script writes (a renamed copy keeps it, so that it resumes the runs it started)
 SCRIPT, RUNS = "empssl_linear", "runs/empssl-linear"
 
@@ -51,10 +51,10 @@ SCRIPT, RUNS = "empssl_linear", "runs/empssl-linear"
 
 
 def arg(default, help):
-    return field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # the method: edit these
     dataset: str = arg("", "required for a new run: the embeddings/ folder of an empssl_pretrain.py run (train.pt, "
@@ -79,25 +79,40 @@ class Config:
     seed: int = arg(42, "random seed, 0 to 2^32 - 1")
 
 
+def check_config(cfg):
+    """The first impossible flag value is a UserError; returns cfg with an absolute --dataset (so that a resume finds
+    it from any directory)."""
+    for bad, message in [
+            # first what every script checks: a NaN would pass every comparison unnoticed
+            *[(isinstance(v, float) and not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number")
+              for k, v in dataclasses.asdict(cfg).items()],
+            (cfg.resume == "auto" and not cfg.output_dir, "--resume auto needs --output-dir, the folder of the run"),
+            (cfg.log_every < 1 or cfg.checkpoint_minutes < 0, "--log-every must be >= 1, --checkpoint-minutes >= 0"),
+            (not 0 <= cfg.seed < 2 ** 32, "--seed must be in 0 .. 2^32 - 1"),
+            (cfg.device not in ("auto", "cuda", "cpu") or cfg.precision not in ("auto", "bf16", "fp16", "fp32") or
+             cfg.device == "cuda" and not torch.cuda.is_available(), "--device must be auto, cpu or cuda (with a GPU), "
+             "--precision auto, bf16, fp16 or fp32"),
+            ("RANK" in os.environ, "empssl_linear.py trains one linear layer on one device: run it with python"),
+            (cfg.embedding_dim < 0 or cfg.weight_decay < 0, "--embedding-dim and --weight-decay must be >= 0"),
+            (cfg.batch_size < 1 or cfg.max_epochs < 1, "--batch-size and --max-epochs must be positive"),
+            (cfg.learning_rate <= 0 or not 0 <= cfg.warmup_duration < 1,
+             "--learning-rate must be positive, --warmup-duration in [0, 1)"),
+            (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive")]:
+        if bad:
+            raise UserError(message)
+    return dataclasses.replace(cfg, dataset=cfg.dataset and os.path.abspath(cfg.dataset))
+
+
+# Flags that a resume may change: they do not change what the run computes. Every other flag comes from the checkpoint.
+RESUME_MAY_CHANGE = {"max_epochs", "log_every", "checkpoint_minutes", "device", "precision", "output_dir", "resume"}
+
+
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass
-class Data:
-    """Both splits of a dataset: images (uint8, N x 3 x S x S) or embeddings as x, int64 labels as y, class names."""
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    classes: list
-
-    def to(self, device):
-        return Data(self.train_x.to(device), self.train_y.to(device), self.test_x.to(device), self.test_y.to(device),
-                    self.classes)
-
-
-def load_embeddings(folder, embedding_dim):
-    """Data (float32 embeddings) from folder/{train,test}.pt of empssl_pretrain.py; every mismatch a UserError."""
+def load_embeddings(folder, embedding_dim, device):
+    """folder/{train,test}.pt of empssl_pretrain.py on the device (embeddings float32 as train_x, test_x; labels as
+    train_y, test_y; the class names); every mismatch a UserError."""
     if not folder:
         raise UserError("--dataset is required (the embeddings/ folder of an empssl_pretrain.py run)")
     if not os.path.isdir(folder):
@@ -133,22 +148,23 @@ def load_embeddings(folder, embedding_dim):
         raise UserError(f"train.pt has {len(classes)} classes, test.pt {len(test_classes)} (or in another order)")
     if embedding_dim and embedding_dim != xtr.shape[1]:
         raise UserError(f"--embedding-dim {embedding_dim} disagrees with the files' dimension {xtr.shape[1]}")
-    return Data(xtr.float(), ytr, xte.float(), yte, classes)
+    return SimpleNamespace(train_x=xtr.float().to(device), train_y=ytr.to(device), test_x=xte.float().to(device),
+                           test_y=yte.to(device), classes=classes)
+
 
 # ----------------------------------------------------------------------------- eval
 
 
 @torch.no_grad()
-def classify(head, inputs, labels, norm=None):
-    """{top1, top5 (%), test_loss} of head on the test set: the classifier on uint8 images (normalised with norm), or
-    its linear layer on cached features."""
-    was_training = head.training
+def classify(head, inputs, labels):
+    """{top1, top5 (%), test_loss} of head on the test set: the classifier on normalised images, or its linear layer
+    on cached features; in chunks that a CPU computes in a second or so, so that the bar moves."""
+    was_training, sums, size = head.training, torch.zeros(3, device=labels.device), 1024 if inputs.is_cuda else 64
     head.eval()
-    # summed loss, top-1 hits, top-5 hits: one host sync at the end; chunks that a CPU computes in a second or so
-    sums, size = torch.zeros(3, device=labels.device), 1024 if inputs.is_cuda or norm is None else 64
-    for i in tqdm(range(0, len(inputs), size), desc="the classifier on the test images", leave=False):
-        logits = head(inputs[i:i + size] if norm is None else normalize(inputs[i:i + size], norm)).float()
-        y = labels[i:i + size]
+    # summed loss, top-1 hits, top-5 hits: one host sync at the end
+    for x, y in tqdm(list(zip(inputs.split(size), labels.split(size))), desc="the classifier on the test images",
+                     leave=False):
+        logits = head(x).float()
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y.view(-1, 1)
         sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), F.cross_entropy(logits, y, reduction="sum")])
     head.train(was_training)
@@ -167,8 +183,7 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
 
 
 def epoch_order(n, seed, epoch, device):
-    """The epoch's order of the training set, and below each step's random stream: pure functions of the seed and the
-    epoch or step (and rank), so that a resumed run sees the same data and views without saving a random state."""
+    """The epoch's order; as a step's views (its own seed): a pure function, so a resume needs no random state."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(device)
 
 
@@ -180,7 +195,7 @@ def main(cfg, given=frozenset()):
     cfg.output_dir, lock = claim_output_dir(cfg, ckpt, ctx)
 
     # data: all embeddings on the device, float32 (float16 on disk)
-    data = load_embeddings(cfg.dataset, cfg.embedding_dim).to(ctx.device)
+    data = load_embeddings(cfg.dataset, cfg.embedding_dim, ctx.device)
     # every embedding: the last batch may be smaller
     steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
     warmup_epochs = int(cfg.warmup_duration * cfg.max_epochs)
@@ -198,10 +213,10 @@ def main(cfg, given=frozenset()):
                     running=running.cpu(), model=model.state_dict(), optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict(), classes=data.classes)
 
-    # config.json; from here Ctrl-C or SIGTERM stops the run at the next log step, once last.pt is saved
+    # config.json; from here Ctrl-C or SIGTERM stops the run at its next log step, once last.pt is saved
     write_config(cfg, ctx, ckpt, run_id, changed, num_train=len(data.train_x), num_test=len(data.test_x),
                  num_classes=len(data.classes), embedding_dim=data.train_x.shape[1], steps_per_epoch=steps_per_epoch)
-    catch_signals()
+    SIGNALS.clear()
     # a new run: the kNN on these embeddings first (as empssl_pretrain.py's), epoch 0 of metrics.jsonl; a stop during
     # it saves last.pt at step 0
     if not ckpt:
@@ -238,10 +253,8 @@ def main(cfg, given=frozenset()):
                 step += 1
                 bar.update()
                 if step == next_log or step % steps_per_epoch == 0:
-                    # a log step (every 2 s, at most --log-every steps apart, and at the epoch's end): the loop's one
-                    # GPU sync, where a stop, a timed save and divergence are seen
-                    means = running / (step - epoch * steps_per_epoch)
-                    shown = dict(loss=means.item(), lr=lr)
+                    # a log step (every 2 s or --log-every steps): the one GPU sync; a stop, a save, divergence
+                    shown = dict(loss=running.item() / (step - epoch * steps_per_epoch), lr=lr)
                     stop, timed, next_log = log_step(bar, cfg, ctx, model, step, shown, saved_at)
                     # (at the epoch's end, its evaluation and files come first)
                     if (stop or timed) and step % steps_per_epoch:
@@ -277,40 +290,13 @@ class Diverged(Exception):
 
 
 class Stopped(BaseException):
-    """Stopped(signal, message) after Ctrl-C or SIGTERM: exit code 128 + the signal. A BaseException, as
-    KeyboardInterrupt, so that no `except Exception` on its way takes it for an error."""
-
-
-def check_config(cfg):
-    """The first impossible flag value is a UserError; returns cfg with an absolute --dataset (so that a resume finds
-    it from any directory)."""
-    for bad, message in [
-            # first what every script checks: a NaN would pass every comparison unnoticed
-            *[(isinstance(v, float) and not math.isfinite(v), f"--{k.replace('_', '-')} must be a finite number")
-              for k, v in dataclasses.asdict(cfg).items()],
-            ("RANK" in os.environ, "empssl_linear.py trains one linear layer on one device: run it with python"),
-            (cfg.embedding_dim < 0 or cfg.weight_decay < 0, "--embedding-dim and --weight-decay must be >= 0"),
-            (cfg.batch_size < 1 or cfg.max_epochs < 1, "--batch-size and --max-epochs must be positive"),
-            (cfg.learning_rate <= 0, "--learning-rate must be positive"),
-            (not 0 <= cfg.warmup_duration < 1, "--warmup-duration must be in [0, 1)"),
-            (cfg.num_neighbours < 1 or cfg.temperature <= 0, "--num-neighbours and --temperature must be positive"),
-            (cfg.resume == "auto" and not cfg.output_dir, "--resume auto needs --output-dir, the folder of the run"),
-            (cfg.log_every < 1 or cfg.checkpoint_minutes < 0, "--log-every must be >= 1, --checkpoint-minutes >= 0"),
-            (not 0 <= cfg.seed < 2 ** 32, "--seed must be in 0 .. 2^32 - 1"),
-            (cfg.device not in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu"),
-            (cfg.precision not in ("auto", "bf16", "fp16", "fp32"), "--precision must be auto, bf16, fp16 or fp32"),
-            (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda, but no GPU is available")]:
-        if bad:
-            raise UserError(message)
-    return dataclasses.replace(cfg, dataset=cfg.dataset and os.path.abspath(cfg.dataset))
+    """Stopped(signal, message) after Ctrl-C or SIGTERM: exit 128 + signal; no `except Exception` takes it."""
 
 
 def parse_config(argv=None):
-    """argparse generated from Config (--batch-size for batch_size; the help, and the default as config.json writes
-    it): the Config and the names of the flags that the command line gave."""
+    """Config from argparse made from it (the defaults as config.json writes them), and the names of the flags given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        # an empty default is explained by the help itself
         shown = f.metadata["help"] + (f" (default: {json.dumps(f.default)})" if f.default != "" else "")
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         parser.add_argument("--" + f.name.replace("_", "-"), help=shown.replace("%", "%%"), **kind)
@@ -332,31 +318,25 @@ def setup(cfg):
                            autocast=torch.autocast(device.type, dtype, enabled=bool(dtype)))
 
 
-# Flags that a resume may change: they do not change what the run computes. Every other flag comes from the checkpoint.
-RESUME_MAY_CHANGE = {"max_epochs", "log_every", "checkpoint_minutes", "device", "precision", "output_dir", "resume"}
-
-
 def load_resume(cfg, given):
-    """The checkpoint of --resume ('auto': <output-dir>/last.pt, if there is one; its path as "file"), and the run's
-    recipe: every flag comes from its config but those of RESUME_MAY_CHANGE that the command line gives; another value
-    for any other flag is a UserError that lists them. Returns (cfg, checkpoint, {flag: [the run's, the new]})."""
+    """(cfg, checkpoint, {flag: [the run's, the new]}) of --resume (auto: <output-dir>/last.pt, if any): the flags
+    from its config but those of RESUME_MAY_CHANGE given (another flag given another value is a UserError)."""
     path = os.path.join(cfg.output_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
     if not path or (cfg.resume == "auto" and not os.path.exists(path)):
         return cfg, None, {}
     ckpt = dict(load_checkpoint(path, SCRIPT), file=os.path.abspath(path))
     saved = {k: v for k, v in ckpt["config"].items() if hasattr(cfg, k) and k not in ("resume", "output_dir")}
-    differ = sorted(n for n in given if n not in RESUME_MAY_CHANGE and n in saved and saved[n] != getattr(cfg, n))
-    if differ:
-        listed = ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} (the run's: {saved[n]})" for n in differ)
+    changed = {n: [saved[n], getattr(cfg, n)] for n in sorted(given) if n in saved and saved[n] != getattr(cfg, n)}
+    if set(changed) - RESUME_MAY_CHANGE:
+        listed = ", ".join(f"--{n.replace('_', '-')} {new} (the run's: {old})" for n, (old, new) in changed.items()
+                           if n not in RESUME_MAY_CHANGE)
         raise UserError(f"{path} continues its run's recipe, and the command line changes it: {listed}; leave these "
                         f"flags out to continue the run, or start a new run in another --output-dir")
-    changed = {n: [saved[n], getattr(cfg, n)] for n in sorted(given) if n in saved and saved[n] != getattr(cfg, n)}
     return dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in given}), ckpt, changed
 
 
 def load_states(ckpt, **objects):
-    """A resume: the checkpoint's states into the objects (model=..., optimizer=...). Returns its (step, best scores,
-    run id), or those of a new run."""
+    """A resume loads the states of the objects (model=...); returns (step, best scores, run id), a new run's too."""
     for name, obj in objects.items() if ckpt else ():
         # a GradScaler's state carries over only from fp16 to fp16
         if not isinstance(obj, torch.amp.GradScaler) or (obj.is_enabled() and ckpt[name]):
@@ -378,45 +358,42 @@ def load_fitting(obj, state, what, advice=""):
         raise UserError(f"{what} does not fit ({str(e).splitlines()[0]}){advice}") from None
 
 
-CREATED = []  # the run folder (or lock file) that this process made: exit 2 before its first checkpoint removes it
+CREATED = []  # the run folder (or lock file) that this process made: an exit 2 before a checkpoint removes it
 
 
 def claim_output_dir(cfg, ckpt, ctx):
-    """--output-dir (else a resume's own folder, else runs/<method>/<date>-<time>), created and locked by this process
-    while it lives (fcntl.flock on .lock: the kernel releases it when the process ends in any way). Refused,
-    changing nothing: a folder that another process holds, one that holds a run (a checkpoint) when this is no
-    resume of it. (Under torchrun a failure on rank 0 ends the other ranks.) Returns (the folder, the lock)."""
+    """--output-dir (else a resume's own folder, else runs/<method>/<date-time>), made and locked while this process
+    lives (flock: the kernel releases it however the process ends); refused, unchanged, when another process
+    holds it, or it holds a run this does not resume. Returns (the folder, the lock)."""
     folder = [cfg.output_dir or (os.path.dirname(ckpt["file"]) if ckpt else
                                  os.path.join(RUNS, time.strftime("%Y%m%d-%H%M%S")))]
+    folder, made = folder[0], os.path.abspath(os.path.join(folder[0], ".lock"))
     # what this process makes: the folder's first missing parent, or else the lock file
-    folder, made = folder[0], os.path.join(folder[0], ".lock")
-    while not os.path.exists(made) and not os.path.exists(os.path.dirname(os.path.abspath(made))):
-        made = os.path.dirname(os.path.abspath(made))
-    CREATED[:] = [] if os.path.exists(made) else [made]
+    while not os.path.exists(made) and not os.path.exists(os.path.dirname(made)):
+        made = os.path.dirname(made)
+    CREATED[:] = [made] if ctx.master and not os.path.exists(made) else []
     try:
-        os.makedirs(folder, exist_ok=True)
-        lock = open(os.path.join(folder, ".lock"), "a+")
-        lock.seek(0)
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if ctx.master:
+            os.makedirs(folder, exist_ok=True)
+            lock = open(os.path.join(folder, ".lock"), "a+")
+            lock.seek(0)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held, other = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(folder, f))], None
+            with contextlib.suppress(OSError, ValueError, AttributeError), open(folder + "/config.json") as f:
+                other = json.load(f).get("run_id")
+            if held and (not ckpt or other not in (None, ckpt["run_id"])):
+                raise UserError(f"--output-dir {folder} already holds a run ({', '.join(held)}): " + (
+                    f"another one than {ckpt['file']}; resume into that run's own folder, or into an empty one" if
+                    ckpt else "pass --resume auto to continue it, or choose another --output-dir"))
+            lock.truncate(0)
+            print(os.getpid(), file=lock, flush=True)
+            return folder, lock
     except BlockingIOError:
         raise UserError(f"--output-dir {folder} is in use by another run (PID {lock.read().strip()}); wait for it to "
                         f"end, or choose another --output-dir") from None
     except OSError as e:
-        raise UserError(f"cannot write {e.filename or folder} ({e.strerror})") from None
-    held, other = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(folder, f))], None
-    with contextlib.suppress(OSError, ValueError, AttributeError), open(os.path.join(folder, "config.json")) as f:
-        other = json.load(f).get("run_id")
-    if held and (not ckpt or other not in (None, ckpt["run_id"])):
-        raise UserError(f"--output-dir {folder} already holds a run ({', '.join(held)}): " + (
-            f"another one than {ckpt['file']}; resume into that run's own folder, or into an empty one" if ckpt else
-            "pass --resume auto to continue it, or choose another --output-dir"))
-    try:
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-    except OSError as e:
-        raise UserError(f"cannot write {lock.name} ({e.strerror}: is the disk full or read-only?)") from None
-    return folder, lock
+        raise UserError(f"cannot write {e.filename or os.path.join(folder, '.lock')} ({e.strerror})") from None
+    return folder, None
 
 
 def write_config(cfg, ctx, ckpt, run_id, changed, **info):
@@ -432,10 +409,8 @@ def write_config(cfg, ctx, ckpt, run_id, changed, **info):
                                               "world_size": ctx.world, "precision_used": ctx.precision})
         print(f"resumed from {ckpt['file']} at step {ckpt['step']}" + (f", changing {changed}" if changed else ""))
         with contextlib.suppress(FileNotFoundError), open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
-            for line in f:
-                # (a line cut off by a crash or a full disk is left out)
-                with contextlib.suppress(ValueError, TypeError, KeyError):
-                    lines += [line] if json.loads(line)["step"] <= ckpt["step"] else []
+            # whole lines only (a crash or a full disk may cut off the last one)
+            lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= ckpt["step"]]
     if ctx.master:
         with atomic_open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") as f:
             f.writelines(lines)
@@ -444,49 +419,37 @@ def write_config(cfg, ctx, ckpt, run_id, changed, **info):
         print(json.dumps(dict(dataclasses.asdict(cfg), **derived)))
 
 
-SIGNALS = []  # the stop requests received (Ctrl-C, SIGTERM); log steps read it
+SIGNALS = []  # Ctrl-C and SIGTERM of the run, read at log steps; [None] until main() starts the run
 LOG_SECONDS = 2  # the time between log steps, at most
 
 
-def quit_at_once(signum, frame):
-    """Ctrl-C or SIGTERM before the run starts (cli() sets this handler), or a second one after."""
-    raise Stopped(signum, "interrupted again: quit at once, keeping the last save" if SIGNALS else
-                  "interrupted before the run started: nothing to continue")
-
-
-def catch_signals():
-    """From here the first Ctrl-C or SIGTERM stops the run at the next log step (or after the evaluation that runs),
-    once last.pt is saved; a second one quits at once."""
-    def on_signal(signum, frame):
-        if SIGNALS:
-            quit_at_once(signum, frame)
-        SIGNALS.append(signum)
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
+def on_signal(signum, frame):
+    """Ctrl-C or SIGTERM: the first stops a started run at its next log step (or after the evaluation that runs), once
+    last.pt is saved; one before the run starts, or a second one, quits at once."""
+    if SIGNALS:
+        raise Stopped(signum, "interrupted: quit at once" + ("" if SIGNALS == [None] else ", keeping the last save"))
+    SIGNALS.append(signum)
 
 
 def log_step(bar, cfg, ctx, model, step, shown, saved_at):
-    """The loop's one GPU sync: the epoch's running means and the lr on the bar, and what every rank decides together:
-    a stop (Ctrl-C or SIGTERM on any rank), a timed save (rank 0's clock) and the next log step (LOG_SECONDS on at rank
-    0's pace, at most --log-every steps on). Weights that are no longer finite raise Diverged."""
+    """The loop's one GPU sync: the epoch's running means and the lr on the bar; what every rank decides together: a
+    stop (Ctrl-C or SIGTERM), a timed save, the next log step (LOG_SECONDS on, at most --log-every); divergence."""
     rate = (bar.format_dict["rate"] or 0) if ctx.master else 0
     weights = torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()
     timed = ctx.master and 0 < cfg.checkpoint_minutes <= (time.time() - saved_at) / 60
     stop, timed, bad, interval = agree(ctx, bool(SIGNALS), timed, ~weights.isfinite(),
                                        ctx.master * min(cfg.log_every, max(1, int(LOG_SECONDS * rate))))
-    shown = {k: float(v) for k, v in shown.items()}
     if bad:
-        files = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(cfg.output_dir, f))]
-        raise Diverged(f"training diverged at step {step}: the weights are no longer finite (mean loss "
-                       f"{shown['loss']:.4g}); " + (f"{' and '.join(files)} in {cfg.output_dir} keep the last finite "
-                       f"state" if files else "nothing was saved, so the folder can take a new run") + ". Try a lower "
-                       "--learning-rate in a new --output-dir, or --precision bf16 or fp32 after fp16 (a resume may)")
+        kept = " and ".join(f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(cfg.output_dir, f)))
+        raise Diverged(f"training diverged at step {step}: the weights are no longer finite; " + (f"{kept} in "
+                       f"{cfg.output_dir} keep the last finite state" if kept else "nothing was saved, so the folder "
+                       "can take a new run") + "; try a lower --learning-rate in a new --output-dir, or bf16 / fp32")
     bar.set_postfix_str(in_words(shown))
     return bool(stop), bool(timed), step + int(interval)
 
 
 def agree(ctx, *flags):
-    """Host or device flags as floats (a GPU sync)."""
+    """Host or device flags as floats (one GPU sync)."""
     flags = torch.stack([torch.as_tensor(f, dtype=torch.float64, device=ctx.device) for f in flags])
     return flags.tolist()
 
@@ -500,13 +463,13 @@ def in_words(values):
 def write_metrics(cfg, ctx, line):
     """The epoch's line, appended to metrics.jsonl (a line cut off by a crash is left out when read) and printed."""
     path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    try:
-        if ctx.master:
+    if ctx.master:
+        try:
             with open(path, "a") as f:
                 f.write(json.dumps(line) + "\n")
-            print(f"epoch {line['epoch']}/{cfg.max_epochs} {in_words({**line, 'epoch': ''})[7:]}", flush=True)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror}: is the disk full or read-only?)") from None
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror}: is the disk full or read-only?)") from None
+        print(f"epoch {line['epoch']}/{cfg.max_epochs} " + in_words({k: v for k, v in line.items() if k != "epoch"}))
 
 
 def save_checkpoint(cfg, ctx, state, best=False):
@@ -530,7 +493,7 @@ def save_checkpoint(cfg, ctx, state, best=False):
 
 
 def stopped(cfg, ctx, step):
-    """The Stopped exception of a stop request once last.pt is saved: its step and the command that continues."""
+    """The Stopped of a stop request, once last.pt is saved: its step and the command that continues the run."""
     return Stopped((SIGNALS or [signal.SIGTERM])[0], f"interrupted: saved {os.path.join(cfg.output_dir, 'last.pt')} "
                    f"at step {step}; continue with python {shlex.quote(sys.argv[0])} --resume auto --output-dir "
                    f"{shlex.quote(cfg.output_dir)}")
@@ -558,13 +521,13 @@ def atomic_open(path, mode="wb"):
 def checksum(x, h=None):
     """sha1 of all that a checkpoint holds (tensor bytes, numbers, strings), so that a damaged file shows on load."""
     h = h or hashlib.sha1()
-    if torch.is_tensor(x):
-        h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    elif isinstance(x, (dict, list, tuple)):
+    if isinstance(x, (dict, list, tuple)):
         for k, v in sorted(x.items(), key=lambda kv: str(kv[0])) if isinstance(x, dict) else enumerate(x):
-            checksum(v, h.update(repr(k).encode()) or h)
+            h.update(repr(k).encode())
+            checksum(v, h)
     else:
-        h.update(repr(x).encode())
+        h.update(x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy() if torch.is_tensor(x) else
+                 repr(x).encode())
     return h.hexdigest()
 
 
@@ -572,11 +535,9 @@ def load_checkpoint(path, script):
     """A checkpoint that `script` (or a renamed copy) wrote, whole: its checksum holds. Anything else is a UserError."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint: corrupt, truncated or not written by torch.save "
-                        f"({type(e).__name__})") from None
+        raise UserError(f"{path} does not exist" if isinstance(e, FileNotFoundError) else f"{path} is not a readable "
+                        f"checkpoint: corrupt, truncated or not written by torch.save ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "checksum" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by these scripts")
     if ckpt.pop("checksum") != checksum(ckpt):
@@ -587,24 +548,22 @@ def load_checkpoint(path, script):
 
 
 def cli(argv=None):
-    """main() as a command: exit code 0 when done; 2 bad input or an unwritable file, 3 divergence, 128 + the signal
-    after Ctrl-C / SIGTERM: one line on stderr."""
+    """main() as a command, exit code 0 when done: else one line on stderr and 2 for bad input
+    or an unwritable file, 3 divergence, 128 + the signal after Ctrl-C / SIGTERM."""
     cfg, given = parse_config(argv)
-    handlers = {s: signal.signal(s, quit_at_once) for s in (signal.SIGINT, signal.SIGTERM)}
-    name, code, message, CREATED[:], SIGNALS[:] = os.path.basename(__file__), 0, None, [], []
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    name, code, message, CREATED[:], SIGNALS[:] = os.path.basename(__file__), 0, None, [], [None]
     try:
         main(cfg, given)
-    except (UserError, OSError) as e:
-        code, message = 2, f"{name}: error: {e}"
-    except Diverged as e:
-        code, message = 3, f"{name}: error: {e}"
+    except (UserError, Diverged, OSError) as e:
+        code, message = 3 if isinstance(e, Diverged) else 2, f"{name}: error: {e}"
     except Stopped as e:
         code, message = 128 + e.args[0], e.args[1]
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    # a run that ends with exit 2 before its first checkpoint leaves no folder (or lock file) that it made
     if code == 2 and CREATED:
+        # a run that ends so before its first checkpoint leaves no folder (or lock file) that it made
         with contextlib.suppress(OSError):
             shutil.rmtree(CREATED[0]) if os.path.isdir(CREATED[0]) else os.remove(CREATED[0])
     if message:

@@ -5,11 +5,13 @@ for its class with weight exp(similarity / temperature). This is the monitor of 
 (Wu et al. 2018, https://arxiv.org/abs/1805.01978, Sec. 3.4) as used by the MMCR and EMP-SSL
 reference code. Plain torch on any device; the test set is processed in chunks so that a full
 CIFAR-10 evaluation (10k x 50k similarities) never holds more than chunk_size x N_train floats.
+features() computes the features themselves, with a progress bar.
 """
 import warnings
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 _warned = set()
 
@@ -44,3 +46,17 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k, te
     top1 = hit[:, 0].float().mean().item() * 100
     top5 = hit.any(dim=1).float().mean().item() * 100
     return top1, top5
+
+
+@torch.no_grad()
+def features(model, images, transform, desc):
+    """model(transform(chunk)) of every chunk of images, as float32, in eval mode, with a progress bar that moves (a
+    chunk takes a CPU a second or so)."""
+    was_training, out = model.training, []
+    model.eval()
+    with tqdm(total=len(images), desc=desc, unit="img", leave=False) as bar:
+        for chunk in images.split(1024 if images.is_cuda else 64):
+            out.append(model(transform(chunk)).float())
+            bar.update(len(chunk))
+    model.train(was_training)
+    return torch.cat(out)

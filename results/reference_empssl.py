@@ -103,8 +103,10 @@ def main():
     # the same images, subsets and order as empssl_pretrain.py --dataset ... --limit-train ...
     cfg = ours.Config(dataset=os.path.abspath(args.dataset), data_dir=args.data_dir, limit_train=args.limit_train,
                       limit_test=args.limit_test, valid_patches=args.valid_patches, output_dir=args.output_dir)
-    data = ours.load_dataset(cfg)
-    emp_ssl.data.CIFAR10 = image_folder_as_cifar10((data.train_x, data.test_x), (data.train_y, data.test_y))
+    ctx = ours.setup(cfg)
+    data = ours.load_dataset(cfg, ctx)
+    emp_ssl.data.CIFAR10 = image_folder_as_cifar10((data.train_x.cpu(), data.test_x.cpu()),
+                                                   (data.train_y.cpu(), data.test_y.cpu()))
 
     # its defaults, from its own parser
     sys.argv = ["pretrain.py", "--dataset", args.dataset, *reference_args]
@@ -129,14 +131,13 @@ def main():
     # our evaluation of its weights: inputs as it trained on them (pixels 0..255, then Normalize(0.5, 0.5))
     model = to_our_layout(model.cpu(), config.hidden_dim, config.projection_dim)
     check_layout(module.model, model)
-    device = torch.device("cuda" if cuda else "cpu")
+    device = ctx.device
     model = model.to(device, memory_format=torch.channels_last)
     unscaled = (0.5 / 255,) * 3
     aug = dict(ours.AUGMENT, size=32, norm=(unscaled, unscaled))
     cfg.num_neighbours, cfg.temperature, cfg.seed = config.num_neighbours, config.temperature, config.seed
-    ctx = ours.Context(device, "bf16" if cuda else "fp32")
     start = time.time()
-    scores = ours.evaluate(cfg, model, data.to(device), aug, ctx)
+    scores = ours.evaluate(cfg, model, data, aug, ctx)
     eval_seconds = time.time() - start
     torch.save(model.state_dict(), os.path.join(args.output_dir, "reference.pt"))
     metrics = {"train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
