@@ -14,12 +14,11 @@ Where to edit (a copy of this file is a complete program):
     the loss          F.cross_entropy in main()
     the model         nn.Linear in main()
     the recipe        Config below: every field is a flag
-Everything below the "plumbing" line (flag checks, the run folder, checkpoint files) can stay unread.
+Below the "plumbing" line (errors, the run folder, checkpoint files, log steps) nothing needs reading.
 
 Outputs in --output-dir: config.json, metrics.jsonl (epoch 0: the kNN of the embeddings), last.pt (resumable),
 best.pt (best test top-1): the linear layer.
-Exit codes: 0 done, 2 bad input or an unwritable file (one line on stderr), 3 training diverged, 128 + signal after
-Ctrl-C / SIGTERM.
+Exit codes: 0 done, 2 bad input or an unwritable file, 3 training diverged, 128 + signal after Ctrl-C / SIGTERM.
 """
 import argparse
 import contextlib
@@ -434,11 +433,12 @@ def on_signal(signum, frame):
 def log_step(bar, cfg, ctx, model, step, shown, saved_at):
     """The loop's one GPU sync: the epoch's running means and the lr on the bar; what every rank decides together: a
     stop (Ctrl-C or SIGTERM), a timed save, the next log step (LOG_SECONDS on, at most --log-every); divergence."""
-    rate = (bar.format_dict["rate"] or 0) if ctx.master else 0
+    # the epoch's steps per second so far, on rank 0
+    d = bar.format_dict if ctx.master else dict(n=0, initial=0, elapsed=1)
     weights = torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()
     timed = ctx.master and 0 < cfg.checkpoint_minutes <= (time.time() - saved_at) / 60
-    stop, timed, bad, interval = agree(ctx, bool(SIGNALS), timed, ~weights.isfinite(),
-                                       ctx.master * min(cfg.log_every, max(1, int(LOG_SECONDS * rate))))
+    stop, timed, bad, interval = agree(ctx, bool(SIGNALS), timed, ~weights.isfinite(), ctx.master * min(
+        cfg.log_every, max(1, int(LOG_SECONDS * (d["n"] - d["initial"]) / max(d["elapsed"], 1e-3)))))
     if bad:
         kept = " and ".join(f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(cfg.output_dir, f)))
         raise Diverged(f"training diverged at step {step}: the weights are no longer finite; " + (f"{kept} in "

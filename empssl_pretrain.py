@@ -21,13 +21,12 @@ Where to edit (a copy of this file is a complete program):
     an augmentation   the op as a function in "augmentation", one line in augment_views(), its parameters in AUGMENT
     the backbone      ResNet18 in "model", built in EMPSSLModel as ResNet18(width)
     the recipe        Config below: every field is a flag
-    the loop          main(): data -> patches -> model -> loss -> backward -> optimizer step, log steps, the epoch end
-Everything below the "plumbing" line (flag checks, DDP, the run folder, checkpoint files) can stay unread.
+    the loop          main(): data -> patches -> model -> loss -> backward -> step, log steps, the epoch's end
+Below the "plumbing" line (errors, DDP, the run folder, checkpoint files, log steps) nothing needs reading.
 
 Outputs in --output-dir: config.json, metrics.jsonl, views.png, last.pt (resumable), best.pt (best kNN top-1),
 embeddings/{train,test}.pt (bag-of-features embeddings of every image, the input of empssl_linear.py).
-Exit codes: 0 done, 2 bad input or an unwritable file (one line on stderr), 3 training diverged, 128 + signal after
-Ctrl-C / SIGTERM.
+Exit codes: 0 done, 2 bad input or an unwritable file, 3 training diverged, 128 + signal after Ctrl-C / SIGTERM.
 """
 import argparse
 import contextlib
@@ -169,9 +168,9 @@ def load_dataset(cfg, ctx):
         if not all(os.path.isdir(os.path.join(cfg.dataset, s)) for s in ("train", "test")):
             raise UserError(f"--dataset {cfg.dataset}: no train/ and test/ in it (expected cifar10, cifar100 or an "
                             f"ImageFolder root)")
-        cache = os.path.join(cfg.data_dir, "cache")
         (xtr, ytr, classes), (xte, yte, test_classes) = (
-            load_image_folder(os.path.join(cfg.dataset, s), cfg.image_size, cache) for s in ("train", "test"))
+            load_image_folder(os.path.join(cfg.dataset, s), cfg.image_size, os.path.join(cfg.data_dir, "cache"), n)
+            for s, n in (("train", cfg.limit_train), ("test", cfg.limit_test)))
         if test_classes != classes:
             raise UserError(f"--dataset {cfg.dataset}: train has the classes {classes[:5]}... ({len(classes)}), test "
                             f"has {test_classes[:5]}... ({len(test_classes)})")
@@ -186,7 +185,7 @@ def load_dataset(cfg, ctx):
     return SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=list(classes))
 
 
-def load_image_folder(root, size, cache_dir):
+def load_image_folder(root, size, cache_dir, limit=0):
     """root/<class>/* decoded once into uint8 (N, 3, size, size): RGB, the shorter side resized to size, the centre
     cropped. Cached in cache_dir by the file list, sizes and times; a broken or stale cache is decoded again."""
     from PIL import Image
@@ -198,6 +197,9 @@ def load_image_folder(root, size, cache_dir):
         files = make_dataset(root, class_to_idx, IMG_EXTENSIONS)
     except FileNotFoundError as e:
         raise UserError(f"{root}: {e} (expected {root}/<class>/<image>.jpg|png|...)") from None
+    if 0 < limit < len(files):
+        # the subset of load_dataset(), and only its images decoded
+        files = [files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:limit]]
     labels = [label for _, label in files]
     stats = repr((os.path.abspath(root), size, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f, _ in files]))
     cache = os.path.join(cache_dir, f"imagefolder-{hashlib.sha1(stats.encode()).hexdigest()[:16]}.pt")
@@ -939,11 +941,12 @@ def on_signal(signum, frame):
 def log_step(bar, cfg, ctx, model, step, shown, saved_at):
     """The loop's one GPU sync: the epoch's running means and the lr on the bar; what every rank decides together: a
     stop (Ctrl-C or SIGTERM), a timed save, the next log step (LOG_SECONDS on, at most --log-every); divergence."""
-    rate = (bar.format_dict["rate"] or 0) if ctx.master else 0
+    # the epoch's steps per second so far, on rank 0
+    d = bar.format_dict if ctx.master else dict(n=0, initial=0, elapsed=1)
     weights = torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()
     timed = ctx.master and 0 < cfg.checkpoint_minutes <= (time.time() - saved_at) / 60
-    stop, timed, bad, interval = agree(ctx, bool(SIGNALS), timed, ~weights.isfinite(),
-                                       ctx.master * min(cfg.log_every, max(1, int(LOG_SECONDS * rate))))
+    stop, timed, bad, interval = agree(ctx, bool(SIGNALS), timed, ~weights.isfinite(), ctx.master * min(
+        cfg.log_every, max(1, int(LOG_SECONDS * (d["n"] - d["initial"]) / max(d["elapsed"], 1e-3)))))
     if bad:
         kept = " and ".join(f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(cfg.output_dir, f)))
         raise Diverged(f"training diverged at step {step}: the weights are no longer finite; " + (f"{kept} in "

@@ -8,7 +8,6 @@ the loaded backbone, then trains a linear classifier on it, frozen (`linear`, th
     python mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt --finetune-type backbone+linear
     python mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt --augment none --frozen-bn eval    # cached features
     python mmcr_finetune.py --checkpoint runs/my_mmcr/best.pt --model-from my_mmcr.py   # a copy with its own backbone
-    torchrun --nproc_per_node 4 mmcr_finetune.py --checkpoint runs/mmcr/<run>/best.pt
 A one-minute try on a CPU, after mmcr_pretrain.py's: a linear layer on cached features, 20 epochs
     python mmcr_finetune.py --checkpoint runs/try/mmcr/last.pt --augment none --frozen-bn eval --max-epochs 20 \\
         --batch-size 128 --output-dir runs/try/mmcr-finetune
@@ -160,9 +159,9 @@ def load_dataset(cfg, ctx):
         if not all(os.path.isdir(os.path.join(cfg.dataset, s)) for s in ("train", "test")):
             raise UserError(f"--dataset {cfg.dataset}: no train/ and test/ in it (expected cifar10, cifar100 or an "
                             f"ImageFolder root)")
-        cache = os.path.join(cfg.data_dir, "cache")
         (xtr, ytr, classes), (xte, yte, test_classes) = (
-            load_image_folder(os.path.join(cfg.dataset, s), cfg.image_size, cache) for s in ("train", "test"))
+            load_image_folder(os.path.join(cfg.dataset, s), cfg.image_size, os.path.join(cfg.data_dir, "cache"), n)
+            for s, n in (("train", cfg.limit_train), ("test", cfg.limit_test)))
         if test_classes != classes:
             raise UserError(f"--dataset {cfg.dataset}: train has the classes {classes[:5]}... ({len(classes)}), test "
                             f"has {test_classes[:5]}... ({len(test_classes)})")
@@ -177,7 +176,7 @@ def load_dataset(cfg, ctx):
     return SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=list(classes))
 
 
-def load_image_folder(root, size, cache_dir):
+def load_image_folder(root, size, cache_dir, limit=0):
     """root/<class>/* decoded once into uint8 (N, 3, size, size): RGB, the shorter side resized to size, the centre
     cropped. Cached in cache_dir by the file list, sizes and times; a broken or stale cache is decoded again."""
     from PIL import Image
@@ -189,6 +188,9 @@ def load_image_folder(root, size, cache_dir):
         files = make_dataset(root, class_to_idx, IMG_EXTENSIONS)
     except FileNotFoundError as e:
         raise UserError(f"{root}: {e} (expected {root}/<class>/<image>.jpg|png|...)") from None
+    if 0 < limit < len(files):
+        # the subset of load_dataset(), and only its images decoded
+        files = [files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:limit]]
     labels = [label for _, label in files]
     stats = repr((os.path.abspath(root), size, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f, _ in files]))
     cache = os.path.join(cache_dir, f"imagefolder-{hashlib.sha1(stats.encode()).hexdigest()[:16]}.pt")
@@ -490,8 +492,7 @@ class Classifier(nn.Module):
 
 
 def load_pretrained(cfg):
-    """The checkpoint of --checkpoint (mmcr_pretrain.py's or a copy's) and cfg with the flags left unset from its run:
-    the dataset, its subset (on the same dataset), the data folder, the image size."""
+    """--checkpoint (of mmcr_pretrain.py or a copy), and cfg with the flags left unset from its run: data and size."""
     if not cfg.checkpoint:
         raise UserError("--checkpoint is required (a last.pt / best.pt of mmcr_pretrain.py)")
     pretrained = load_checkpoint(cfg.checkpoint, "mmcr_pretrain")
@@ -585,7 +586,6 @@ def main(cfg, given=frozenset()):
                        cfg.frozen_bn).to(ctx.device, memory_format=torch.channels_last)
     groups = [{"params": model.fc.parameters(), "lr_scale": 1.0}] + ([] if frozen else [
         {"params": model.backbone.parameters(), "lr_scale": cfg.backbone_lr_scale}])
-    # fused: one kernel, and no host sync under fp16
     optimizer = torch.optim.Adam(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                  fused=ctx.device.type == "cuda")
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
@@ -846,11 +846,12 @@ def on_signal(signum, frame):
 def log_step(bar, cfg, ctx, model, step, shown, saved_at):
     """The loop's one GPU sync: the epoch's running means and the lr on the bar; what every rank decides together: a
     stop (Ctrl-C or SIGTERM), a timed save, the next log step (LOG_SECONDS on, at most --log-every); divergence."""
-    rate = (bar.format_dict["rate"] or 0) if ctx.master else 0
+    # the epoch's steps per second so far, on rank 0
+    d = bar.format_dict if ctx.master else dict(n=0, initial=0, elapsed=1)
     weights = torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()
     timed = ctx.master and 0 < cfg.checkpoint_minutes <= (time.time() - saved_at) / 60
-    stop, timed, bad, interval = agree(ctx, bool(SIGNALS), timed, ~weights.isfinite(),
-                                       ctx.master * min(cfg.log_every, max(1, int(LOG_SECONDS * rate))))
+    stop, timed, bad, interval = agree(ctx, bool(SIGNALS), timed, ~weights.isfinite(), ctx.master * min(
+        cfg.log_every, max(1, int(LOG_SECONDS * (d["n"] - d["initial"]) / max(d["elapsed"], 1e-3)))))
     if bad:
         kept = " and ".join(f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(cfg.output_dir, f)))
         raise Diverged(f"training diverged at step {step}: the weights are no longer finite; " + (f"{kept} in "

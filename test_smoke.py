@@ -846,16 +846,17 @@ def test_a_checkpoint_with_a_flipped_bit_is_corrupt(tmp_path):
 
 
 class FakeBar:
-    """What log_step reads of a tqdm bar (its rate, steps per second) and writes (the postfix)."""
+    """What log_step reads of a tqdm bar (the steps done, from initial, and the seconds elapsed) and writes (the
+    postfix)."""
 
     def __init__(self, rate):
-        self.format_dict, self.postfix = {"rate": rate}, None
+        self.format_dict, self.postfix = {"n": 5, "initial": 1, "elapsed": 4 / rate if rate else 0.0}, None
 
     def set_postfix_str(self, text):
         self.postfix = text
 
 
-@pytest.mark.parametrize("rate,log_every,interval", [(None, 50, 1), (0.25, 1000, 1), (10, 1000, 20), (10, 15, 15),
+@pytest.mark.parametrize("rate,log_every,interval", [(None, 50, 50), (0.25, 1000, 1), (10, 1000, 20), (10, 15, 15),
                                                      (100, 50, 50)])
 def test_log_steps_come_every_two_seconds_at_most(rate, log_every, interval, tmp_path, monkeypatch):
     """The next log step: LOG_SECONDS on at the bar's pace, at most --log-every steps; the bar shows the epoch's
