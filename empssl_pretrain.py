@@ -11,9 +11,10 @@ and every patch is augmented there in one batch, so the GPU, not PIL on CPU work
     python empssl_pretrain.py --resume auto --output-dir runs/empssl/c10    # continue it after a stop or a crash
     torchrun --nproc_per_node 4 empssl_pretrain.py            # same script, 4 GPUs (--batch-size is global)
     python empssl_linear.py --dataset runs/empssl/<run>/embeddings
-A one-minute try on a CPU (CIFAR-10 as an ImageFolder, or any other): 1,000 images, 4 patches, a narrow head
-    python empssl_pretrain.py --dataset path/to/cifar10 --limit-train 1000 --limit-test 500 --batch-size 50 \\
-        --train-patches 4 --valid-patches 4 --hidden-dim 512 --projection-dim 128 --output-dir runs/try/empssl
+A one-minute try on a CPU (CIFAR-10 as an ImageFolder, or any other; 33 s, kNN 24.4 on 2 cores): 1,500 images
+    python empssl_pretrain.py --dataset path/to/cifar10 --limit-train 1500 --limit-test 500 --batch-size 50 \\
+        --width 32 --train-patches 4 --valid-patches 4 --hidden-dim 512 --projection-dim 128 \\
+        --output-dir runs/try/empssl
 
 Where to edit (a copy of this file is a complete program):
     the loss          total_coding_rate() and patch_similarity() in "loss"; main() combines them in one line,
