@@ -357,7 +357,7 @@ def load_fitting(obj, state, what, advice=""):
         raise UserError(f"{what} does not fit ({str(e).splitlines()[0]}){advice}") from None
 
 
-CREATED = []  # the run folder (or lock file) that this process made: an exit 2 before a checkpoint removes it
+CREATED = []  # the run folder (or lock file) this process made and locked: removed by a failed start (no last.pt yet)
 
 
 def claim_output_dir(cfg, ckpt, ctx):
@@ -370,13 +370,14 @@ def claim_output_dir(cfg, ckpt, ctx):
     # what this process makes: the folder's first missing parent, or else the lock file
     while not os.path.exists(made) and not os.path.exists(os.path.dirname(made)):
         made = os.path.dirname(made)
-    CREATED[:] = [made] if ctx.master and not os.path.exists(made) else []
+    new = ctx.master and not os.path.exists(made)
     try:
         if ctx.master:
             os.makedirs(folder, exist_ok=True)
             lock = open(os.path.join(folder, ".lock"), "a+")
             lock.seek(0)
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            CREATED[:] = [made] if new else []
             held, other = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(folder, f))], None
             with contextlib.suppress(OSError, ValueError, AttributeError), open(folder + "/config.json") as f:
                 other = json.load(f).get("run_id")
@@ -409,7 +410,7 @@ def write_config(cfg, ctx, ckpt, run_id, changed, **info):
         print(f"resumed from {ckpt['file']} at step {ckpt['step']}" + (f", changing {changed}" if changed else ""))
         with contextlib.suppress(FileNotFoundError), open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
             # whole lines only (a crash or a full disk may cut off the last one)
-            lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= ckpt["step"]]
+            lines = [line for line in f if line.endswith("}\n") and json.loads(line).get("step", 0) <= ckpt["step"]]
     if ctx.master:
         with atomic_open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") as f:
             f.writelines(lines)
@@ -479,7 +480,6 @@ def save_checkpoint(cfg, ctx, state, best=False):
     if ctx.master:
         with atomic_open(last) as f:
             torch.save(dict(state, checksum=checksum(state)), f)
-        # the folder holds a run now: no failure removes it
         CREATED.clear()
     if ctx.master and best:
         # one copy on the disk for both names (a hard link); a copy where the file system has no links
@@ -502,7 +502,7 @@ def stopped(cfg, ctx, step):
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
     """A file to write that replaces `path` only once complete, flushed to disk and renamed: a kill, a crash or a full
-    disk never leaves a broken file, and keeps the previous one. A failure is a UserError that names the file."""
+    disk never leaves a broken file and keeps the previous one; no .tmp stays. A failure is a UserError naming it."""
     try:
         with open(path + ".tmp", mode) as f:
             yield f
@@ -511,11 +511,12 @@ def atomic_open(path, mode="wb"):
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:
         # (torch.save reports a failed write as a RuntimeError)
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
         kept = f"; the previous {os.path.basename(path)} is unchanged" if os.path.exists(path) else ""
         raise UserError(f"cannot write {path} ({reason}: is the disk full or read-only?){kept}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
 
 
 def checksum(x, h=None):
@@ -562,8 +563,8 @@ def cli(argv=None):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    if code == 2 and CREATED:
-        # a run that ends so before its first checkpoint leaves no folder (or lock file) that it made
+    if CREATED and (code == 2 or code > 128):
+        # a run that fails or is stopped before its first checkpoint leaves no folder (or lock file) that it made
         with contextlib.suppress(OSError):
             shutil.rmtree(CREATED[0]) if os.path.isdir(CREATED[0]) else os.remove(CREATED[0])
     if message:

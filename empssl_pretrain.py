@@ -488,9 +488,9 @@ class EMPSSLModel(nn.Module):
         self.projector = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
                                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, projection_dim))
         self.architecture = {"backbone": type(self.backbone).__name__, "file": os.path.abspath(__file__),
-                             "width": width, "blocks": getattr(self.backbone, "blocks", None),
-                             "feature_dim": self.backbone.feature_dim, "hidden_dim": hidden_dim,
-                             "projection_dim": projection_dim}
+                             "width": width, "feature_dim": self.backbone.feature_dim, "hidden_dim": hidden_dim,
+                             "projection_dim": projection_dim,
+                             "blocks": self.backbone.blocks if isinstance(self.backbone, ResNet18) else None}
 
     def forward(self, x):
         h = self.pre_feature(self.backbone(x))
@@ -604,7 +604,8 @@ def bag_of_features(model, images, gen, aug, patches, split, progress=True):
             out.append(h.float().view(-1, patches, h.shape[-1]).mean(1))
             bar.update(len(images[i:i + chunk]))
     model.train(was_training)
-    return torch.cat(out)
+    # (a rank with no images, when there are fewer than ranks, gathers none)
+    return torch.cat(out) if out else torch.zeros(0, model.pre_feature[0].out_features, device=images.device)
 
 
 def gather_rows(x, n):
@@ -806,8 +807,7 @@ def setup(cfg):
         torch.cuda.set_device(device)
     precision = cfg.precision if cfg.precision != "auto" else "fp32" if not cuda else (
         "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     rank, dtype = dist.get_rank() if ddp else 0, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return SimpleNamespace(device=device, precision=precision, rank=rank, world=dist.get_world_size() if ddp else 1,
@@ -815,8 +815,7 @@ def setup(cfg):
 
 
 def fit_batch_size(cfg, given, n, ctx):
-    """--batch-size for n training images: a default larger than n shrinks to n (config.json says so), a given one is
-    an error."""
+    """--batch-size for n training images: a default larger than n shrinks to n, a given one is an error."""
     batch_size = cfg.batch_size if cfg.batch_size <= n or "batch_size" in given else n - n % ctx.world
     if batch_size > n or batch_size % ctx.world or batch_size < 1:
         raise UserError(f"--batch-size {batch_size} is larger than the training set ({n} images) or not divisible by "
@@ -864,7 +863,7 @@ def load_fitting(obj, state, what, advice=""):
         raise UserError(f"{what} does not fit ({str(e).splitlines()[0]}){advice}") from None
 
 
-CREATED = []  # the run folder (or lock file) that this process made: an exit 2 before a checkpoint removes it
+CREATED = []  # the run folder (or lock file) this process made and locked: removed by a failed start (no last.pt yet)
 
 
 def claim_output_dir(cfg, ckpt, ctx):
@@ -879,13 +878,14 @@ def claim_output_dir(cfg, ckpt, ctx):
     # what this process makes: the folder's first missing parent, or else the lock file
     while not os.path.exists(made) and not os.path.exists(os.path.dirname(made)):
         made = os.path.dirname(made)
-    CREATED[:] = [made] if ctx.master and not os.path.exists(made) else []
+    new = ctx.master and not os.path.exists(made)
     try:
         if ctx.master:
             os.makedirs(folder, exist_ok=True)
             lock = open(os.path.join(folder, ".lock"), "a+")
             lock.seek(0)
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            CREATED[:] = [made] if new else []
             held, other = [f for f in ("last.pt", "best.pt") if os.path.exists(os.path.join(folder, f))], None
             with contextlib.suppress(OSError, ValueError, AttributeError), open(folder + "/config.json") as f:
                 other = json.load(f).get("run_id")
@@ -918,7 +918,7 @@ def write_config(cfg, ctx, ckpt, run_id, changed, **info):
         print(f"resumed from {ckpt['file']} at step {ckpt['step']}" + (f", changing {changed}" if changed else ""))
         with contextlib.suppress(FileNotFoundError), open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
             # whole lines only (a crash or a full disk may cut off the last one)
-            lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= ckpt["step"]]
+            lines = [line for line in f if line.endswith("}\n") and json.loads(line).get("step", 0) <= ckpt["step"]]
     if ctx.master:
         with atomic_open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w") as f:
             f.writelines(lines)
@@ -990,7 +990,6 @@ def save_checkpoint(cfg, ctx, state, best=False):
     if ctx.master:
         with atomic_open(last) as f:
             torch.save(dict(state, checksum=checksum(state)), f)
-        # the folder holds a run now: no failure removes it
         CREATED.clear()
     if ctx.master and best:
         # one copy on the disk for both names (a hard link); a copy where the file system has no links
@@ -1014,7 +1013,7 @@ def stopped(cfg, ctx, step):
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
     """A file to write that replaces `path` only once complete, flushed to disk and renamed: a kill, a crash or a full
-    disk never leaves a broken file, and keeps the previous one. A failure is a UserError that names the file."""
+    disk never leaves a broken file and keeps the previous one; no .tmp stays. A failure is a UserError naming it."""
     try:
         with open(path + ".tmp", mode) as f:
             yield f
@@ -1023,11 +1022,12 @@ def atomic_open(path, mode="wb"):
         os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:
         # (torch.save reports a failed write as a RuntimeError)
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
         kept = f"; the previous {os.path.basename(path)} is unchanged" if os.path.exists(path) else ""
         raise UserError(f"cannot write {path} ({reason}: is the disk full or read-only?){kept}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
 
 
 def checksum(x, h=None):
@@ -1064,7 +1064,9 @@ def cli(argv=None):
     or an unwritable file, 3 divergence, 128 + the signal after Ctrl-C / SIGTERM, 1 on a rank whose peer died."""
     cfg, given = parse_config(argv)
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    name, code, message, CREATED[:], SIGNALS[:] = os.path.basename(__file__), 0, None, [], [None]
+    rank = int(os.environ.get("RANK", 0))
+    name = os.path.basename(__file__) + (f": rank {rank}" if rank else "")
+    code, message, CREATED[:], SIGNALS[:] = 0, None, [], [None]
     try:
         main(cfg, given)
     except (UserError, Diverged, OSError) as e:
@@ -1075,15 +1077,15 @@ def cli(argv=None):
         # under torchrun: another process ended (its line says why), which broke this one's collective
         if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "onnection" in str(e))):
             raise
-        code, message = 1, f"{name}: rank {dist.get_rank()}: stopped, as another process ended"
+        code, message = 1, f"{name}: stopped, as another process ended"
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    if code == 2 and CREATED:
-        # a run that ends so before its first checkpoint leaves no folder (or lock file) that it made
+    if CREATED and (code == 2 or code > 128):
+        # a run that fails or is stopped before its first checkpoint leaves no folder (or lock file) that it made
         with contextlib.suppress(OSError):
             shutil.rmtree(CREATED[0]) if os.path.isdir(CREATED[0]) else os.remove(CREATED[0])
-    if message and (not dist.is_initialized() or dist.get_rank() == 0 or code == 1):
+    if message and (rank == 0 or code == 1):
         print(message, file=sys.stderr)
     if dist.is_initialized():
         # a process group left to the interpreter's exit aborts the process

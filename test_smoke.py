@@ -517,6 +517,14 @@ def test_patch_similarity_matches_numpy():
     assert empssl.patch_similarity(z.float() * 3).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_bag_of_features_of_no_images_is_empty():
+    """A rank with no test images (fewer images than ranks) embeds none, and gathers the others' rows."""
+    model = empssl.EMPSSLModel(8, 32, 16)
+    images = torch.zeros(0, 3, 32, 32, dtype=torch.uint8)
+    out = empssl.bag_of_features(model, images, torch.Generator(), aug_of(empssl), 2, "test", progress=False)
+    assert out.shape == (0, 32) and out.dtype == torch.float32
+
+
 def test_empssl_loss_path_is_float32_under_bf16_autocast():
     """Under bf16 autocast the projector and the loss still compute in float32 (the reference's fp16 keeps 11 bits of
     mantissa where bf16 keeps 8): the gradients of the projector's weights equal float64's for the same embedding h."""
@@ -930,6 +938,12 @@ def test_atomic_open_keeps_the_previous_file_when_a_write_fails(tmp_path, monkey
     # written elsewhere first, and that half-written file is gone
     assert targets and os.path.abspath(targets[0]) != os.path.abspath(path)
     assert os.listdir(tmp_path) == ["last.pt"] and open(path, "rb").read() == before
+    # a second Ctrl-C during a save (a Stopped, which no `except Exception` takes): no .tmp stays either
+    with pytest.raises(pretrain.Stopped):
+        with pretrain.atomic_open(path) as f:
+            f.write(b"half a checkpoint")
+            raise pretrain.Stopped(signal.SIGINT, "interrupted: quit at once")
+    assert os.listdir(tmp_path) == ["last.pt"] and open(path, "rb").read() == before
 
 
 # ----------------------------------------------------------------------------- shared code
@@ -1037,7 +1051,9 @@ def ddp_gather_rows(rank, world, n):
 
 DDP_JOBS = {"mmcr_loss": (ddp_mmcr_loss, ()), "tcr": (ddp_tcr, ()),
             # 7: uneven shares are padded, then cut
-            "gather_rows 7": (ddp_gather_rows, (7,)), "gather_rows 8": (ddp_gather_rows, (8,))}
+            "gather_rows 7": (ddp_gather_rows, (7,)), "gather_rows 8": (ddp_gather_rows, (8,)),
+            # 1: rank 1 has no rows
+            "gather_rows 1": (ddp_gather_rows, (1,))}
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
@@ -1085,7 +1101,7 @@ def test_ddp_tcr_equals_single_process_tcr(ddp_results):
         assert torch.allclose(rank_grad / DDP_WORLD, single.grad.chunk(DDP_WORLD)[rank], atol=1e-5)
 
 
-@pytest.mark.parametrize("n", [7, 8])
+@pytest.mark.parametrize("n", [1, 7, 8])
 def test_gather_rows_puts_every_row_back_in_order(ddp_results, n):
     for rank in range(DDP_WORLD):
         assert torch.equal(ddp_results[rank][f"gather_rows {n}"][:, 0], torch.arange(n, dtype=torch.float32))
@@ -2135,6 +2151,31 @@ def test_bad_input_one_line_exit_2(case, phrases, image_folder, tmp_path, capsys
     assert_one_error_line(proc, script, *phrases)
     # a failed start leaves no run folder that it made
     assert os.path.exists(tmp_path / "run") == before
+
+
+def test_under_torchrun_rank_0_alone_reports_bad_input(capsys, monkeypatch):
+    """Every rank checks the flags; only rank 0 says what is wrong, once (before any process group exists)."""
+    for rank, lines in (("1", []), ("0", ["mmcr_pretrain.py: error: --seed must be in 0 .. 2^32 - 1"])):
+        monkeypatch.setenv("RANK", rank)
+        proc = run_cli(MMCR, ["--seed", -1], capsys)
+        assert proc.returncode == 2 and error_lines(proc.stderr) == lines, proc.stderr
+
+
+@e2e
+def test_a_ctrl_c_before_the_run_starts_quits_at_once_and_leaves_no_folder(image_folder, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Ctrl-C while the data loads: the run quits at once (no save to wait for), and the folder it made is gone."""
+    real = pretrain.load_dataset
+
+    def interrupted(*args):
+        pretrain.on_signal(signal.SIGINT, None)
+        return real(*args)
+
+    monkeypatch.setattr(pretrain, "load_dataset", interrupted)
+    args = ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir", tmp_path / "runs" / "a", *TINY]
+    proc = run_cli(MMCR, args, capsys)
+    assert proc.returncode == 130 and error_lines(proc.stderr) == ["interrupted: quit at once"], proc.stderr
+    assert not os.path.exists(tmp_path / "runs")
 
 
 # ----------------------------------------------------------------------------- bench.py
