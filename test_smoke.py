@@ -802,7 +802,8 @@ def test_help_and_the_printed_config_write_a_default_alike(capsys):
                 # an empty default: the help says what it means
                 assert "default" in shown or "required" in shown, shown
     cfg, _ = pretrain.parse_config([])
-    assert '"solarize_threshold": 1,' in json.dumps(dataclasses.asdict(cfg)) and pretrain.Config().solarize_threshold == 1
+    assert '"solarize_threshold": 1,' in json.dumps(dataclasses.asdict(cfg))
+    assert pretrain.Config().solarize_threshold == 1
 
 
 def test_parse_config_knows_which_flags_were_given():
@@ -931,7 +932,8 @@ def test_atomic_open_keeps_the_previous_file_when_a_write_fails(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", dying_save)
     # one line: which file, the reason, what is kept
-    with pytest.raises(pretrain.UserError, match=r"cannot write .*last\.pt \(No space left.*previous last\.pt is unchanged"):
+    said = r"cannot write .*last\.pt \(No space left.*previous last\.pt is unchanged"
+    with pytest.raises(pretrain.UserError, match=said):
         with pretrain.atomic_open(path) as f:
             torch.save({"step": 2, "w": torch.zeros(1000)}, f)
     monkeypatch.undo()
@@ -1227,7 +1229,8 @@ def interrupt(script, args, cwd, when, sig=signal.SIGTERM, saved=True):
 
 def interrupt_and_resume(script, args, out, cwd, when, sig=signal.SIGTERM):
     """Run `script args --output-dir out --resume auto`, interrupt it with sig once when(its stderr) holds, then run the
-    same command again to its end. Returns (the last.pt the interrupted run left, the resumed run's CompletedProcess)."""
+    same command again to its end. Returns (the last.pt the interrupted run left, the resumed run's
+    CompletedProcess)."""
     args = [*args, "--output-dir", out, "--resume", "auto"]
     interrupt(script, args, cwd, when, sig)
     saved = load(os.path.join(out, "last.pt"))
@@ -1284,9 +1287,9 @@ def fake_pretrained(path, dataset, width=16, **changes):
     """A checkpoint as mmcr_pretrain.py writes one, with random weights of a narrow ResNet18 (quick to fine-tune)."""
     model = pretrain.MMCRModel(width, 8)
     config = dataclasses.asdict(pretrain.Config(dataset=str(dataset), width=width, projection_dim=8))
-    ckpt = {"script": "mmcr_pretrain", "run_id": "fake", "model": model.state_dict(), "best": {}, "running": torch.zeros(1),
-            "architecture": model.architecture, "config": config, "step": 4, "classes": list(CLASSES),
-            "norm": ((0.5,) * 3, (0.25,) * 3)}
+    ckpt = {"script": "mmcr_pretrain", "run_id": "fake", "model": model.state_dict(), "best": {},
+            "running": torch.zeros(1), "architecture": model.architecture, "config": config, "step": 4,
+            "classes": list(CLASSES), "norm": ((0.5,) * 3, (0.25,) * 3)}
     for key, value in changes.items():
         if key in config:
             config[key] = value
@@ -1464,7 +1467,8 @@ def test_a_copy_with_its_own_backbone_fine_tunes_with_model_from(image_folder, t
     building it. The unchanged mmcr_finetune.py refuses its checkpoint with one line naming the file, the class and
     the flag (a checkpoint never runs code); with --model-from it builds the class from that file and fine-tunes it,
     linear and backbone+linear."""
-    script = hacked_copy(tmp_path, "my_mmcr.py", ("class MMCRModel(nn.Module):", SMALL_CNN + "class MMCRModel(nn.Module):"),
+    script = hacked_copy(tmp_path, "my_mmcr.py",
+                         ("class MMCRModel(nn.Module):", SMALL_CNN + "class MMCRModel(nn.Module):"),
                          ("self.backbone = ResNet18(width)", "self.backbone = SmallCNN(width)"))
     assert_ok(run_script(script, ["--dataset", image_folder, "--data-dir", tmp_path / "data", "--output-dir",
                                   tmp_path / "run", *TINY, "--max-epochs", 1, "--num-views", 2], cwd=tmp_path))
@@ -1852,8 +1856,8 @@ def test_a_full_disk_at_the_start_names_the_file_and_leaves_no_folder(trained_ru
     """No file may grow at all (the decoded images are cached already): exit 2, one line naming the file that could not
     be written, and no run folder left behind."""
     _, _, data_dir = trained_run
-    proc = run_script(MMCR, ["--dataset", image_folder, "--data-dir", data_dir, *TINY, "--output-dir", tmp_path / "run"],
-                      cwd=tmp_path, preexec_fn=file_size_limit(0))
+    args = ["--dataset", image_folder, "--data-dir", data_dir, *TINY, "--output-dir", tmp_path / "run"]
+    proc = run_script(MMCR, args, cwd=tmp_path, preexec_fn=file_size_limit(0))
     assert_one_error_line(proc, MMCR, "cannot write", str(tmp_path / "run" / ".lock"))
     assert not os.path.exists(tmp_path / "run")
 
@@ -1957,8 +1961,9 @@ def test_when_a_torchrun_process_dies_the_other_ends_with_one_line(image_folder,
     try:
         for rank in (0, 1):
             with open(tmp_path / f"rank{rank}.log", "w") as log:
-                procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                              stderr=log, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
+                procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=tmp_path,
+                                              stdout=subprocess.DEVNULL, stderr=log,
+                                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
         wait_for(lambda: os.path.exists(tmp_path / "run" / "views.png"), procs[0], tmp_path / "rank0.log")
         procs[0].kill()
         code = procs[1].wait(timeout=120)
